@@ -1,0 +1,228 @@
+"""
+Things every stage needs: the base dir, distributed/device init, rank-0 printing, wandb stand-in,
+GPU peak FLOPs for MFU, and downloads that are safe when many ranks ask at once.
+Device and dtype decisions live here and nowhere else.
+"""
+
+import os
+import logging
+import urllib.request
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+
+def get_base_dir():
+    """All state (data, tokenizer, checkpoints, reports) lives here: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (RANK is set by torchrun)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def print_banner():
+    print0("=" * 64 + "\n nanochat: train your own ChatGPT, from raw text to a chat UI\n" + "=" * 64)
+
+
+def local_data_path(*parts):
+    """
+    Path of a file in the local data tree $NANOCHAT_DATA_DIR (layout of ../shared/data: pretrain/,
+    eval_bundle/, chat/..., words/), or None when the variable is unset or the file is absent.
+    Every stage that downloads something looks here first, so the whole pipeline can run offline.
+    """
+    root = os.environ.get("NANOCHAT_DATA_DIR")
+    if not root:
+        return None
+    path = os.path.join(root, *parts)
+    return path if os.path.exists(path) else None
+
+
+def is_ddp_requested():
+    """torchrun sets these; a plain `python -m` run has none of them."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def get_dist_info():
+    """-> (ddp, rank, local_rank, world_size)."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        device_type = "cuda"
+    elif torch.backends.mps.is_available():
+        device_type = "mps"
+    else:
+        device_type = "cpu"
+    print0(f"Autodetected device type: {device_type}")
+    return device_type
+
+
+def get_compute_dtype(device_type):
+    """bf16 autocast on CUDA, fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
+def autocast_ctx(device_type):
+    """The one autocast context every script uses: bf16 on CUDA, a no-op elsewhere."""
+    import contextlib
+    if device_type == "cuda":
+        return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def get_max_memory_mb(device_type):
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1024**2
+    import resource  # CPU: peak resident set size of this process (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compute_init(device_type="", seed=42):
+    """
+    Seed, pick the device, and join the process group when launched by torchrun
+    (nccl on CUDA, gloo on CPU). Returns (ddp, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"--device-type must be cuda, cpu or mps (or empty to autodetect), got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type=cuda was requested but CUDA is not available; use --device-type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
+
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (rare under bf16 autocast) use TF32
+        torch.backends.cudnn.allow_tf32 = True
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off (--run dummy)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run_name, project, config, master_process):
+    """wandb only when asked for (--run NAME) on the master process; WANDB_MODE=offline works without an account."""
+    if run_name == "dummy" or not master_process:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError("--run was given but wandb is not installed: pip install wandb (or use --run dummy)") from e
+    return wandb.init(project=project, name=run_name, config=config)
+
+
+# bf16 dense peak FLOP/s by device name substring. Order matters: the more specific name first.
+_PEAK_FLOPS = [
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("B200", 2.25e15),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165.2e12),
+    ("RTX 3090", 71e12),
+    ("MI300X", 1.3074e15),
+]
+
+
+def get_peak_flops(device_name):
+    """bf16 dense peak FLOP/s for a GPU name; unknown -> inf (MFU then reads 0 rather than a wrong figure)."""
+    for key, flops in _PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    logger.warning(f"Unknown peak FLOPs for device {device_name!r}: MFU will read 0")
+    return float("inf")
+
+
+def get_device_name(device_type):
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return device_type
+
+
+def _download(url, path, postprocess_fn=None, timeout=60):
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        if postprocess_fn is not None:
+            postprocess_fn(tmp_path)
+        os.replace(tmp_path, path)
+    except Exception as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise RuntimeError(f"Download of {url} failed ({e}). Check the network, or place the file at {path} by hand.") from e
+
+
+def download_file_with_lock(url, filename, postprocess_fn=None):
+    """
+    Download url to base_dir/filename once, even when every rank calls this at the same time.
+    The first process to take the lock downloads to a temp name and renames; the others wait on the lock
+    and then find the file. postprocess_fn(tmp_path) runs before the rename (e.g. to unpack a zip).
+    Returns the final path.
+    """
+    from filelock import FileLock
+    path = os.path.join(get_base_dir(), filename)
+    if os.path.exists(path):
+        return path
+    with FileLock(path + ".lock"):
+        if not os.path.exists(path):
+            print0(f"Downloading {url} -> {path}")
+            _download(url, path, postprocess_fn)
+    return path
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+

@@ -1,0 +1,313 @@
+"""
+Pretrain a base model. One dial, --depth, sizes everything else.
+
+    python -m scripts.base_train --depth=4 --max-seq-len=512 --device-batch-size=8   # a small CPU run
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20     # the speedrun
+
+The story: args -> compute init -> tokenizer -> model -> horizon -> optimizer -> data -> loop -> save.
+"""
+
+import os
+import math
+import time
+import argparse
+from dataclasses import asdict
+
+import torch
+
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+                             get_base_dir, get_peak_flops, get_device_name, get_max_memory_mb, init_wandb,
+                             format_duration)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.core_eval import evaluate_core
+from nanochat.report import get_report
+
+# -----------------------------------------------------------------------------
+# Flags (defaults are the tuned values of the d20 speedrun)
+parser = argparse.ArgumentParser(description="Pretrain a base model")
+parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+# model size
+parser.add_argument("--depth", type=int, default=20, help="number of Transformer layers: the one complexity dial")
+parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
+parser.add_argument("--head-dim", type=int, default=128)
+parser.add_argument("--max-seq-len", type=int, default=2048)
+parser.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern over layers: L=full, S=half context")
+# training horizon, in order of precedence
+parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1 = derive)")
+parser.add_argument("--target-flops", type=float, default=-1.0, help="compute budget in FLOPs (-1 = use the data ratio)")
+parser.add_argument("--target-param-data-ratio", type=float, default=10.5, help="tokens per scaling parameter (Chinchilla ~20)")
+# batch
+parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per device")
+parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+# optimizer
+parser.add_argument("--embedding-lr", type=float, default=0.3)
+parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon weight decay at depth 12; scaled by (12/depth)^2")
+parser.add_argument("--matrix-lr", type=float, default=0.02)
+parser.add_argument("--scalar-lr", type=float, default=0.5)
+parser.add_argument("--adam-beta1", type=float, default=0.8)
+parser.add_argument("--adam-beta2", type=float, default=0.95)
+parser.add_argument("--warmup-ratio", type=float, default=0.0)
+parser.add_argument("--warmdown-ratio", type=float, default=0.4)
+parser.add_argument("--final-lr-frac", type=float, default=0.0)
+parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
+# evaluation and checkpoints
+parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=10485760, help="tokens of the val split per bpb evaluation")
+parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1 = never, 0 = only at the end)")
+parser.add_argument("--core-metric-max-per-task", type=int, default=500)
+parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = never)")
+parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir name (default d{depth})")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+
+def fail(message):
+    parser.error(message)
+
+
+for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
+    if getattr(args, name) <= 0:
+        fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
+    fail(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
+if not (0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1):
+    fail("--warmup-ratio and --warmdown-ratio must be >= 0 and sum to at most 1")
+
+# -----------------------------------------------------------------------------
+# Compute init
+print_banner()
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+device_type = device.type
+master_process = rank == 0
+autocast = autocast_ctx(device_type)
+peak_flops = get_peak_flops(get_device_name(device_type)) if device_type == "cuda" else float("inf")
+wandb_run = init_wandb(args.run, "nanochat", user_config, master_process)
+
+# -----------------------------------------------------------------------------
+# Tokenizer and model, sized from the depth
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+
+model_dim = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
+num_heads = model_dim // args.head_dim
+config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=num_heads,
+                   n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern.upper())
+with torch.device("meta"):
+    model = GPT(config)  # parameters get memory only once, on the target device
+model.to_empty(device=device)
+model.init_weights()
+
+model_tag = args.model_tag or f"d{args.depth}"
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+resuming = args.resume_from_step != -1
+if resuming:
+    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
+    model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
+                                                            load_optimizer=True, rank=rank)
+    model.load_state_dict(model_data, strict=True, assign=True)
+    del model_data
+
+param_counts = model.num_scaling_params()
+num_flops_per_token = model.estimate_flops()
+print0(f"Model: depth {args.depth}, width {model_dim}, {num_heads} heads, vocab {vocab_size}, "
+       f"windows {config.window_pattern}")
+for key, value in param_counts.items():
+    print0(f"  params {key:24s}: {value:,}")
+print0(f"  FLOPs per token (fwd+bwd): {num_flops_per_token:e}")
+
+use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+# -----------------------------------------------------------------------------
+# Horizon and batch: explicit steps, else a FLOPs budget, else a tokens-per-parameter ratio
+tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
+world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
+if args.total_batch_size % world_tokens_per_fwdbwd != 0:
+    fail(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
+         f"world_size = {world_tokens_per_fwdbwd}")
+grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+elif args.target_flops > 0:
+    num_iterations = round(args.target_flops / (num_flops_per_token * args.total_batch_size))
+else:
+    scaling_params = param_counts["transformer_matrices"] + param_counts["lm_head"]
+    num_iterations = round(args.target_param_data_ratio * scaling_params / args.total_batch_size)
+num_iterations = max(num_iterations, 1)
+total_tokens = args.total_batch_size * num_iterations
+print0(f"Batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} x "
+       f"{world_size} ranks x {grad_accum_steps} accumulation steps")
+print0(f"Horizon: {num_iterations:,} steps, {total_tokens:,} tokens, {num_flops_per_token * total_tokens:e} FLOPs")
+
+# -----------------------------------------------------------------------------
+# Optimizer. LRs were tuned at 2^19 tokens/step: scale by sqrt(batch / 2^19) for other batch sizes.
+# Weight decay was tuned at depth 12; deeper models want less, by (12/depth)^2.
+batch_lr_scale = (args.total_batch_size / 2**19) ** 0.5
+weight_decay = args.weight_decay * (12 / args.depth) ** 2
+optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * batch_lr_scale,
+                                  embedding_lr=args.embedding_lr * batch_lr_scale,
+                                  matrix_lr=args.matrix_lr * batch_lr_scale,
+                                  weight_decay=weight_decay,
+                                  adam_betas=(args.adam_beta1, args.adam_beta2),
+                                  scalar_lr=args.scalar_lr * batch_lr_scale)
+if resuming:
+    optimizer.load_state_dict(optimizer_data)
+    del optimizer_data
+
+# -----------------------------------------------------------------------------
+# Data. The train loader is restarted from its saved position after every checkpoint save, exactly as a
+# resumed run restarts it, so an interrupted-and-resumed run trains on the same data as an uninterrupted one.
+def make_train_loader(resume_state_dict=None):
+    return tokenizing_distributed_data_loader_with_state_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
+        resume_state_dict=resume_state_dict)
+
+
+def make_val_batches():
+    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+        tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
+    return ((x, y) for x, y, _ in loader)
+
+
+eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
+loop_state = meta_data["loop_state"] if resuming else {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0,
+                                                       "total_training_time": 0.0, "curve": []}
+dataloader_state = meta_data["dataloader_state_dict"] if resuming else None
+train_loader = make_train_loader(dataloader_state)
+x, y, dataloader_state = next(train_loader)  # prefetch the first batch
+
+
+def evaluate_val_bpb():
+    model.eval()
+    with autocast:
+        bpb = evaluate_bpb(model, make_val_batches(), eval_steps, token_bytes)
+    model.train()
+    return bpb
+
+
+def print_samples():
+    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+               "The opposite of hot is", "The planets of the solar system are:", "My favorite color is"]
+    model.eval()
+    for prompt in prompts:
+        tokens = tokenizer(prompt, prepend="<|bos|>")
+        with autocast:
+            out = list(model.generate(tokens, max_tokens=16, temperature=0))
+        print0(f"  {tokenizer.decode(tokens + out)!r}")
+    model.train()
+
+
+def save(step, val_bpb):
+    meta = {"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
+            "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+            "dataloader_state_dict": dataloader_state, "loop_state": loop_state}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+step = args.resume_from_step if resuming else 0
+val_bpb = None
+core_results = None
+ema_beta = 0.9  # smoothing of the logged train loss
+model.train()
+while True:
+    last_step = step == num_iterations
+    flops_so_far = num_flops_per_token * args.total_batch_size * step
+
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        val_bpb = evaluate_val_bpb()
+        loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+        loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
+        print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
+
+    if args.core_metric_every >= 0 and (last_step or (step > 0 and args.core_metric_every > 0 and step % args.core_metric_every == 0)):
+        model.eval()
+        with autocast:
+            core_results = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+        model.train()
+        print0(f"Step {step:05d} | {core_results['label']}: {core_results['core_metric']:.4f}")
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_results["core_metric"]})
+
+    if master_process and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+        print_samples()
+
+    if last_step or (step > 0 and step != args.resume_from_step and args.save_every > 0 and step % args.save_every == 0):
+        save(step, val_bpb)
+        if not last_step:  # restart the loader from the saved position (see make_train_loader)
+            train_loader = make_train_loader(dataloader_state)
+            x, y, dataloader_state = next(train_loader)
+
+    if last_step:
+        break
+
+    # one optimizer step = grad_accum_steps forward/backward passes
+    synchronize(device_type)
+    t0 = time.time()
+    for micro_step in range(grad_accum_steps):
+        with autocast:
+            loss = train_model(x, y)
+        train_loss = loss.detach()
+        (loss / grad_accum_steps).backward()
+        x, y, dataloader_state = next(train_loader)  # fetch the next batch while the device works
+    lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    apply_schedules(optimizer, lrm, muon_momentum=get_muon_momentum(step),
+                    muon_weight_decay=get_weight_decay(step, num_iterations, weight_decay))
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    train_loss = train_loss.item()  # a sync point, after the step was queued
+    synchronize(device_type)
+    dt = time.time() - t0
+    step += 1
+
+    # logging
+    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss
+    debiased_loss = loop_state["smooth_train_loss"] / (1 - ema_beta ** step)
+    if step > 10:  # the first steps include compilation and warmup; keep them out of the timing
+        loop_state["total_training_time"] += dt
+    tok_per_sec = int(args.total_batch_size / dt)
+    mfu = 100 * num_flops_per_token * args.total_batch_size / dt / (peak_flops * world_size)
+    steps_timed = max(step - 10, 1)
+    eta = (num_iterations - step) * (loop_state["total_training_time"] / steps_timed if step > 10 else dt)
+    epoch = dataloader_state["epoch"]
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {debiased_loss:.6f} | "
+           f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/sec {tok_per_sec:,} | mfu {mfu:.2f} | epoch {epoch} | "
+           f"eta {format_duration(eta)}")
+    loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
+    wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * args.total_batch_size * step,
+                   "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
+                   "train/mfu": mfu, "train/epoch": epoch})
+
+# -----------------------------------------------------------------------------
+print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
+print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
+print0(f"Minimum val bpb: {loop_state['min_val_bpb']:.4f}")
+report_data = [user_config, {
+    "Number of parameters": param_counts["total"],
+    "FLOPs per token": f"{num_flops_per_token:e}",
+    "Iterations": num_iterations,
+    "Training tokens": total_tokens,
+    "Tokens : scaling params ratio": total_tokens / (param_counts["transformer_matrices"] + param_counts["lm_head"]),
+    "DDP world size": world_size,
+    "Minimum validation bpb": loop_state["min_val_bpb"],
+    "Final validation bpb": val_bpb,
+    "Total training time": format_duration(loop_state["total_training_time"]),
+    "Peak memory (MiB)": round(get_max_memory_mb(device_type)),
+}]
+if core_results is not None:
+    report_data[1][core_results["label"]] = core_results["core_metric"]
+get_report().log(section="Base model training", data=report_data, curve=loop_state["curve"])
+wandb_run.finish()
+compute_cleanup()

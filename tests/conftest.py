@@ -1,0 +1,36 @@
+"""Shared fixtures: the real data beside the repo, a small trained tokenizer, an isolated base dir."""
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pretrain_texts(max_chars=2_000_000, shard=0):
+    """Documents from one of the shared pretraining shards (real Wikipedia text)."""
+    table = pq.read_table(SHARED_DATA / "pretrain" / f"shard_{shard:05d}.parquet", columns=["text"])
+    total = 0
+    for text in table.column("text").to_pylist():
+        if total >= max_chars:
+            break
+        total += len(text)
+        yield text
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 1024-token BPE tokenizer trained on ~2M chars of the shared shards (a few seconds)."""
+    from nanochat.tokenizer import RustBPETokenizer
+    return RustBPETokenizer.train_from_iterator(pretrain_texts(), vocab_size=1024)
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """An empty NANOCHAT_BASE_DIR for one test."""
+    d = tmp_path / "nanochat_base"
+    d.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
