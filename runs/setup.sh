@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${NANOCHAT_TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"
 EXTRAS="${NANOCHAT_EXTRAS:-dev}"
+HAS_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    HAS_GPU=1
+    EXTRAS="$EXTRAS,gpu"  # FA3 kernels on Hopper
+fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
@@ -22,10 +27,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    if [ "$HAS_GPU" = 1 ]; then
         echo "setup: NVIDIA GPU found -> CUDA build of torch $TORCH_VERSION"
         $PIP install "torch==$TORCH_VERSION"
-        EXTRAS="$EXTRAS,gpu"
     elif .venv/bin/python -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
         echo "setup: no NVIDIA GPU -> CPU build of torch $TORCH_VERSION from the PyTorch CPU index"
         $PIP install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu

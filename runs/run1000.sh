@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The ~$1000 tier: a d32 model (2048 wide, ~1.9B parameters) on one 8xH100 node, about 40 hours.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NPROC="${NPROC:-8}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+export OMP_NUM_THREADS=1
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+
+bash runs/setup.sh
+source .venv/bin/activate
+python -m nanochat.report reset
+
+# Shards: d32 scaling params = 32 x 12 x 2048^2 + 32768 x 2048 = 1.68B; x 10.5 tokens/param = 17.6B
+# tokens ~ 85B chars ~ 340 shards of text, ~520 read with the ~35% best-fit crop; 600 for headroom.
+python -m nanochat.dataset -n 8
+python -m nanochat.dataset -n 600 &
+DATASET_DOWNLOAD_PID=$!
+python -m scripts.tok_train --max-chars=4000000000 --vocab-size=32768
+python -m scripts.tok_eval
+wait $DATASET_DOWNLOAD_PID
+
+# d32 activations at 32 rows x 2048 do not fit next to the optimizer state on 80 GB: 16 rows, and the
+# same 2^19 tokens per step through gradient accumulation.
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --save-every=2000 --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval
+
+curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --device-batch-size=16 --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft
+python -m nanochat.report generate

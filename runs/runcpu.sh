@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The whole pipeline on a CPU (a laptop, or a machine with no network): tokenizer -> pretraining ->
+# bpb + CORE -> mid-training -> SFT -> chat eval -> report, then one answer from the chat model.
+#
+#   bash runs/runcpu.sh            # ~40 minutes on 2 cores: a d4 model (it babbles, but end to end)
+#   bash runs/runcpu.sh --smoke    # every stage shrunk to a few steps (CI, ~5-10 minutes)
+#
+# Data, in order: $NANOCHAT_DATA_DIR (a tree like ../shared/data: pretrain/ shards, eval_bundle/,
+# chat/, words/), else ../shared/data beside the repo, else a download of FineWeb-Edu shards, else an
+# offline corpus built from the documentation installed with Python (said loudly).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE="${NANOCHAT_SMOKE:-0}"
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+
+bash runs/setup.sh
+source .venv/bin/activate
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+if [ -z "${NANOCHAT_DATA_DIR:-}" ] && [ -d ../shared/data ]; then
+    export NANOCHAT_DATA_DIR="$(cd ../shared/data && pwd)"
+fi
+# With local data, hub-only extras (MMLU auxiliary_train) are skipped at once instead of after retries.
+[ -n "${NANOCHAT_DATA_DIR:-}" ] && export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+echo "runcpu: base dir $NANOCHAT_BASE_DIR, local data ${NANOCHAT_DATA_DIR:-(none)}, smoke=$SMOKE"
+start=$(date +%s)
+
+if [ "$SMOKE" = 1 ]; then
+    TOK="--max-chars=2000000 --vocab-size=2048"
+    BASE="--depth=2 --head-dim=64 --max-seq-len=256 --device-batch-size=4 --total-batch-size=2048 --num-iterations=20 --eval-every=10 --eval-tokens=16384 --sample-every=20"
+    BASE_LOSS="--device-batch-size=4 --split-tokens=16384"
+    CORE="--max-per-task=8"
+    MID="--max-seq-len=256 --device-batch-size=4 --total-batch-size=2048 --num-iterations=10 --eval-every=5 --eval-tokens=8192"
+    SFT="--device-batch-size=4 --num-iterations=10 --eval-every=5"
+    EVAL="--max-problems=4 --max-new-tokens=32"
+else
+    # The d4 configuration of SPEC §11 (vocab 8192, seq 512, 4096 tokens/step, 300 steps)
+    TOK="--max-chars=20000000 --vocab-size=8192"
+    BASE="--depth=4 --head-dim=64 --window-pattern=L --max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations=300 --eval-every=100 --eval-tokens=131072 --sample-every=300"
+    BASE_LOSS="--device-batch-size=8 --split-tokens=131072"
+    CORE="--max-per-task=50"
+    MID="--max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations=150 --eval-every=50 --eval-tokens=65536"
+    SFT="--device-batch-size=8 --num-iterations=100 --eval-every=50"
+    EVAL="--max-problems=50 --max-new-tokens=128"
+fi
+COMMON="--device-type=cpu"
+
+python -m nanochat.report reset
+python -m nanochat.dataset -n 8 --fallback-offline        # no-op when local shards exist
+python -m scripts.tok_train $TOK
+python -m scripts.tok_eval
+python -m scripts.base_train $COMMON $BASE --core-metric-every=-1
+python -m scripts.base_loss $COMMON $BASE_LOSS
+python -m scripts.base_eval $COMMON $CORE
+python -m scripts.mid_train $COMMON $MID
+python -m scripts.chat_eval $COMMON -i mid $EVAL
+python -m scripts.chat_sft $COMMON $SFT
+python -m scripts.chat_eval $COMMON -i sft $EVAL
+python -m nanochat.report generate
+
+echo "runcpu: pipeline finished in $(( $(date +%s) - start ))s; report: $NANOCHAT_BASE_DIR/report/report.md"
+python -m scripts.chat_cli $COMMON -i sft -p "Why is the sky blue?"
+cat <<TXT
+
+Talk to your model:
+  source .venv/bin/activate
+  python -m scripts.chat_cli -i sft          # in the terminal
+  python -m scripts.chat_web -i sft          # in the browser, http://localhost:8000 (also OpenAI-compatible /v1)
+TXT

@@ -1,0 +1,57 @@
+"""
+HumanEval: 164 Python functions to complete from a signature and docstring, graded by running the
+data set's unit tests on the model's code (in nanochat.execution's guarded subprocess).
+Local file chat/humaneval/HumanEval.jsonl.gz, else the hub's openai/openai_humaneval.
+"""
+
+import re
+
+from nanochat.execution import execute_code
+from tasks.common import Task, local_file, read_jsonl, load_hub_dataset
+
+# the first fenced block; a missing closing fence (a completion cut at max_tokens) still counts
+CODE_BLOCK_RE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(completion):
+    """The code of a completion: the first ``` block when there is one, else the whole completion."""
+    match = CODE_BLOCK_RE.search(completion)
+    return match.group(1) if match else completion
+
+
+def build_program(conversation, completion):
+    """
+    The prompt, then the model's code, then the tests. Putting the prompt first keeps its imports and
+    helper functions, and works whether the model continued the body (the code extends the prompt's
+    function) or rewrote the whole function (a later def replaces the docstring-only one).
+    """
+    return "\n".join([conversation["prompt"], extract_code(completion), "", conversation["test"],
+                      f"check({conversation['entry_point']})", ""])
+
+
+class HumanEval(Task):
+
+    def __init__(self, data_dir=None, timeout=5.0, **kwargs):
+        super().__init__(**kwargs)
+        self.timeout = timeout
+        path = local_file("chat", "humaneval", "HumanEval.jsonl.gz", data_dir=data_dir)
+        self.rows = read_jsonl(path) if path else load_hub_dataset("openai/openai_humaneval", split="test")
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row = self.rows[index]
+        messages = [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
+        ]
+        return {"messages": messages, "prompt": row["prompt"], "entry_point": row["entry_point"], "test": row["test"]}
+
+    def evaluate(self, conversation, assistant_response):
+        result = execute_code(build_program(conversation, assistant_response), timeout=self.timeout)
+        return result.success
