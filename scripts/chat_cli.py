@@ -1,0 +1,91 @@
+"""
+Talk to a model in the terminal.
+
+    python -m scripts.chat_cli -i sft                            # `clear` starts over, `quit`/`exit`/Ctrl-D ends
+    python -m scripts.chat_cli -i sft -p "Why is the sky blue?"  # answer once and exit
+
+The conversation is kept as tokens (not text), so the model sees its own tool calls exactly as it
+wrote them. Ctrl-C while the model is answering stops that answer.
+"""
+
+import argparse
+import random
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_init
+from nanochat.engine import Engine, StreamDecoder
+
+
+def stream_reply(engine, tokens, temperature, top_k):
+    """Print the reply as it is sampled (never splitting a character) and return its tokens."""
+    decoder = StreamDecoder(engine.tokenizer)
+    reply = []
+    try:
+        for token_column, _ in engine.generate(tokens, num_samples=1, temperature=temperature, top_k=top_k,
+                                               seed=random.randrange(2**31)):
+            token = token_column[0]
+            if token in engine.stop_tokens:
+                break
+            reply.append(token)
+            print(decoder.push(token), end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print(decoder.flush())
+    return reply
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6)
+    parser.add_argument("-k", "--top-k", type=int, default=50)
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
+    args = parser.parse_args()
+
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+    special = tokenizer.encode_special
+    user_start, user_end = special("<|user_start|>"), special("<|user_end|>")
+    assistant_start, assistant_end = special("<|assistant_start|>"), special("<|assistant_end|>")
+
+    if not args.prompt:
+        print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or Ctrl-D ends.")
+    conversation = [tokenizer.get_bos_token_id()]
+    while True:
+        if args.prompt:
+            text = args.prompt
+        else:
+            try:
+                text = input("\nUser: ")
+            except EOFError:
+                print()
+                break
+        command = text.strip().lower()
+        if command in ("quit", "exit"):
+            break
+        if command == "clear":
+            conversation = [tokenizer.get_bos_token_id()]
+            print("(new conversation)")
+            continue
+        if not command:
+            continue
+
+        turn_start = len(conversation)
+        conversation += [user_start, *tokenizer.encode(text), user_end, assistant_start]
+        print("\nAssistant: ", end="", flush=True)
+        try:
+            reply = stream_reply(engine, conversation, args.temperature, args.top_k)
+            conversation += reply + [assistant_end]
+        except ValueError as e:  # the conversation no longer fits the model's context
+            del conversation[turn_start:]
+            print(f"\n{e}. Type 'clear' to start a new conversation.")
+        if args.prompt:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""KV cache, sampling, the calculator tool and the Engine against the naive GPT.generate."""
+import time
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, KVCache, StreamDecoder, sample_next_token, use_calculator
+
+
+class MockConfig:
+    n_layer, n_head, n_kv_head, n_embd, sequence_len = 2, 2, 1, 8, 128
+
+
+class MockModel:
+    """
+    Honours the Engine's model contract (SPEC §9) without any network: the logits at absolute
+    position p point at script[p + 1 - prompt_len] (then keep repeating the last script token), or are
+    uniform when there is no script. Like the real model, it advances the cache.
+    """
+
+    def __init__(self, vocab_size, script=None, prompt_len=0):
+        self.config = MockConfig()
+        self.vocab_size, self.script, self.prompt_len = vocab_size, script, prompt_len
+        self.calls = []  # (batch size, new tokens) per forward
+
+    def get_device(self):
+        return "cpu"
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        self.calls.append((B, T))
+        logits = torch.zeros(B, T, self.vocab_size)
+        if self.script is not None:
+            for t in range(T):
+                index = kv_cache.get_pos() + t + 1 - self.prompt_len
+                logits[:, t, self.script[min(max(index, 0), len(self.script) - 1)]] = 100.0
+        kv_cache.advance(T)
+        return logits
+
+
+def make_gpt(vocab_size, sequence_len=64):
+    """A tiny random GPT whose blocks matter: init_weights zeroes the output projections, so redraw all
+    matrices (otherwise attention, and with it the KV cache, would not influence the logits)."""
+    from nanochat.gpt import GPT, GPTConfig
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=64, window_pattern="SL")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.size(1) ** -0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread: with two, the sync overhead dominates (and explodes when
+    the machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_tokenizer):
+    return make_gpt(tiny_tokenizer.get_vocab_size())
+
+
+def special(tokenizer, name):
+    return tokenizer.encode_special(f"<|{name}|>")
+
+
+# -------------------------------------------------------------------------------------------------
+# KVCache
+
+def test_kv_cache_api():
+    cache = KVCache(batch_size=3, num_heads=2, seq_len=10, head_dim=4, num_layers=5, device="cpu",
+                    dtype=torch.float32)
+    assert cache.k_cache.shape == cache.v_cache.shape == (5, 3, 10, 2, 4)
+    assert cache.cache_seqlens.dtype == torch.int32 and cache.cache_seqlens.shape == (3,)
+    k, v = cache.get_layer_cache(4)
+    k[:, 0] = 1.0  # layer views write through to the cache the model reads next step
+    assert cache.k_cache[4, :, 0].eq(1.0).all() and cache.k_cache[:4].eq(0).all()
+    cache.advance(7)
+    cache.advance(2)
+    assert cache.get_pos() == 9 and type(cache.get_pos()) is int
+    assert cache.cache_seqlens.tolist() == [9, 9, 9]
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.advance(2)
+    cache.reset()
+    assert cache.get_pos() == 0 and cache.cache_seqlens.tolist() == [0, 0, 0]
+
+
+def test_kv_cache_prefill_copies_prompt_into_every_row():
+    small = KVCache(1, num_heads=2, seq_len=6, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32)
+    small.k_cache.normal_()
+    small.v_cache.normal_()
+    small.advance(5)
+    big = KVCache(4, num_heads=2, seq_len=20, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32)
+    big.prefill(small)
+    assert big.get_pos() == 5 and big.cache_seqlens.tolist() == [5] * 4
+    for row in range(4):
+        assert torch.equal(big.k_cache[:, row, :5], small.k_cache[:, 0, :5])
+        assert torch.equal(big.v_cache[:, row, :5], small.v_cache[:, 0, :5])
+    assert big.k_cache[:, :, 5:].eq(0).all()  # only the cached prefix is copied
+    big.k_cache[:, 0, 0] = 123.0  # rows are independent copies, not views of the prompt cache
+    assert not small.k_cache.eq(123.0).any() and not big.k_cache[:, 1].eq(123.0).any()
+
+
+# -------------------------------------------------------------------------------------------------
+# Sampling
+
+def test_sample_next_token_greedy_and_top_k():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    rng = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next_token(logits, rng, temperature=0.0), logits.argmax(-1))
+    assert torch.equal(sample_next_token(logits, rng, temperature=1.0, top_k=1), logits.argmax(-1))
+    top3 = logits.topk(3, dim=-1).indices
+    for _ in range(50):
+        token = sample_next_token(logits, rng, temperature=2.0, top_k=3)
+        assert (top3 == token.unsqueeze(-1)).any(-1).all()
+
+
+def test_sample_next_token_follows_softmax_and_seed():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    draws = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=0.7)
+    freqs = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(freqs, torch.softmax(logits[0] / 0.7, -1), atol=0.01)
+    again = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=0.7)
+    assert torch.equal(draws, again)
+
+
+# -------------------------------------------------------------------------------------------------
+# Engine against the naive generate
+
+def test_engine_greedy_matches_naive_generate(gpt, tiny_tokenizer):
+    # 12 prompt + 40 new tokens cross the 32-token sliding window of the "S" layer (sequence_len 64)
+    prompt = tiny_tokenizer.encode("The history of the city begins", prepend="<|bos|>")[:12]
+    expected = list(gpt.generate(prompt, max_tokens=40, temperature=0.0))
+    results, masks = Engine(gpt, tiny_tokenizer).generate_batch(prompt, num_samples=3, max_tokens=40, temperature=0.0)
+    stop = {special(tiny_tokenizer, "assistant_end"), tiny_tokenizer.get_bos_token_id()}
+    if stop & set(expected):  # a random model may emit a stop token; the Engine stops there
+        expected = expected[:min(expected.index(t) for t in stop & set(expected))]
+    for row, mask in zip(results, masks):
+        assert row == prompt + expected
+        assert mask == [0] * len(prompt) + [1] * len(expected)
+
+
+def test_engine_seeds(gpt, tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    engine = Engine(gpt, tiny_tokenizer)
+    runs = [tuple(engine.generate_batch(prompt, max_tokens=20, temperature=1.0, seed=seed)[0][0]) for seed in (1, 1, 2, 3)]
+    assert runs[0] == runs[1]
+    assert len(set(runs[1:])) > 1
+
+
+def test_num_samples_are_independent_rows(tiny_tokenizer):
+    model = MockModel(tiny_tokenizer.get_vocab_size())  # uniform logits
+    engine = Engine(model, tiny_tokenizer)
+    columns = list(engine.generate([1, 2, 3], num_samples=8, max_tokens=4, temperature=1.0))
+    assert len(set(columns[0][0])) > 1  # rows sample independently from the same distribution
+    assert model.calls[0] == (1, 3)  # the prompt is prefilled once, at batch 1
+    assert all(call == (8, 1) for call in model.calls[1:])
+
+
+def test_max_tokens_and_context_limit(tiny_tokenizer):
+    word = tiny_tokenizer.encode("the")[0]
+    model = MockModel(tiny_tokenizer.get_vocab_size(), script=[word])  # never stops by itself
+    engine = Engine(model, tiny_tokenizer)
+    prompt = [tiny_tokenizer.get_bos_token_id()] * 5
+    assert len(list(engine.generate(prompt, max_tokens=17))) == 17
+    context = model.config.sequence_len
+    assert len(list(engine.generate(prompt, max_tokens=1000))) == context - len(prompt)
+    assert len(list(engine.generate(prompt))) == context - len(prompt)
+    with pytest.raises(ValueError, match="context"):
+        next(engine.generate([word] * context))
+
+
+def test_generate_batch_stops_before_stop_token(tiny_tokenizer):
+    a, b = tiny_tokenizer.encode("the")[0], tiny_tokenizer.encode(" of")[0]
+    for stop in (special(tiny_tokenizer, "assistant_end"), tiny_tokenizer.get_bos_token_id()):
+        prompt = [tiny_tokenizer.get_bos_token_id(), a]
+        model = MockModel(tiny_tokenizer.get_vocab_size(), script=[a, b, stop, a], prompt_len=len(prompt))
+        results, masks = Engine(model, tiny_tokenizer).generate_batch(prompt, num_samples=2, max_tokens=10)
+        assert results == [prompt + [a, b]] * 2
+        assert masks == [[0, 0, 1, 1]] * 2
+
+
+# -------------------------------------------------------------------------------------------------
+# Tool use
+
+def run_tool_script(tokenizer, expression):
+    """A mock model that writes <|python_start|>expression<|python_end|> then ends its turn."""
+    expr_tokens = tokenizer.encode(expression)
+    prompt = tokenizer.encode("Compute", prepend="<|bos|>") + [special(tokenizer, "assistant_start")]
+    filler = tokenizer.encode(" ok")  # what the model would say while the engine forces the output
+    script = ([special(tokenizer, "python_start")] + expr_tokens + [special(tokenizer, "python_end")]
+              + filler * 8 + [special(tokenizer, "assistant_end")])
+    model = MockModel(tokenizer.get_vocab_size(), script=script, prompt_len=len(prompt))
+    results, masks = Engine(model, tokenizer).generate_batch(prompt, max_tokens=60)
+    return results[0][len(prompt):], masks[0][len(prompt):], expr_tokens
+
+
+def test_tool_use_forces_calculator_output(tiny_tokenizer):
+    tokens, masks, expr_tokens = run_tool_script(tiny_tokenizer, "2+3")
+    call = [special(tiny_tokenizer, "python_start")] + expr_tokens + [special(tiny_tokenizer, "python_end")]
+    output = ([special(tiny_tokenizer, "output_start")] + tiny_tokenizer.encode(str(2 + 3))
+              + [special(tiny_tokenizer, "output_end")])
+    assert tokens[:len(call) + len(output)] == call + output
+    assert masks[:len(call)] == [1] * len(call)
+    assert masks[len(call):len(call) + len(output)] == [0] * len(output)
+    assert masks[len(call) + len(output):] == [1] * (len(tokens) - len(call) - len(output))
+
+
+@pytest.mark.parametrize("expression", ["__import__('os').system('echo pwned')", "(1).__class__", "2**10**10",
+                                        "9**9**9**9", "'a'*10**9", "open('/etc/passwd').read()"])
+def test_tool_use_unsafe_expressions_produce_no_output(tiny_tokenizer, expression):
+    start = time.perf_counter()
+    tokens, masks, _ = run_tool_script(tiny_tokenizer, expression)
+    assert special(tiny_tokenizer, "output_start") not in tokens
+    assert all(m == 1 for m in masks)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("expression", ["2+3", "10/4", "6/3", "2**10", "-(3*4) + 1.5", "(1+2)*(3-4)/5",
+                                        "2**-2", "7 - -2", '"strawberry".count("r")', "'banana'.count('an')"])
+def test_calculator_agrees_with_python(expression):
+    expected = eval(expression)  # trusted literals written in this test: the reference
+    if isinstance(expected, float) and expected.is_integer():
+        expected = int(expected)
+    assert use_calculator(expression) == str(expected)
+
+
+@pytest.mark.parametrize("expression", ["__import__('os')", "x + 1", "(1).real", "[1, 2]", "lambda: 1", "1/0",
+                                        "'a'.count('a', 0)", "'ab'.upper()", "True + 1", "2 ^ 3", "2**100000",
+                                        "(-8) ** 0.5", "'a' * 3", "", "1 +", "(" * 300 + "1" + ")" * 300])
+def test_calculator_refuses(expression):
+    assert use_calculator(expression) is None
+
+
+def test_calculator_timeout_and_size_guard():
+    long_sum = "+".join(["12345"] * 150)
+    assert use_calculator(long_sum) == str(12345 * 150)
+    assert use_calculator(long_sum, timeout=0.0) is None  # the deadline is checked while evaluating
+    start = time.perf_counter()
+    assert use_calculator("*".join(["(2**4000)"] * 100)) is None  # refused as soon as it grows too big
+    assert use_calculator("9**9**9**9**9") is None
+    assert time.perf_counter() - start < 1.0
+
+
+# -------------------------------------------------------------------------------------------------
+
+def test_stream_decoder_keeps_multibyte_characters_intact(tiny_tokenizer):
+    text = "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001f642 done"
+    tokens = tiny_tokenizer.encode(text)
+    decoder = StreamDecoder(tiny_tokenizer)
+    pieces = [decoder.push(t) for t in tokens] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "" in pieces[:-1]  # some character really was split across tokens (else the test is void)
