@@ -1,0 +1,229 @@
+"""
+Reinforcement learning on GSM8K with a simplified GRPO: sample several answers per question, reward
+the correct ones, and push up the log-probability of answers that beat their siblings.
+
+    python -m scripts.chat_rl --examples-per-step=4 --num-samples=4 --max-new-tokens=128   # CPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- -i sft
+
+Simplifications of GRPO, each because it is not needed when every update is on fresh samples:
+on-policy (one update per batch of samples, so no importance ratio and no ratio clipping), no KL
+penalty to a reference model, advantage = reward - mean reward of the question's samples (no division
+by the std), and token-level normalisation (the objective is summed over every sampled token of the
+step and divided by their number, so long answers are not down-weighted per token).
+Only tokens the model sampled get a gradient: the prompt and the calculator outputs the Engine forced
+in have mask 0. Rank r takes its own questions; rewards are all-reduced for logging.
+The story: args -> init -> model -> optimizer -> data -> loop -> save.
+"""
+
+import os
+import time
+import argparse
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+                             get_base_dir, get_max_memory_mb, init_wandb, format_duration)
+from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
+from nanochat.engine import Engine
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
+from nanochat.report import get_report
+from tasks.gsm8k import GSM8K
+
+# -----------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description="Simplified GRPO on GSM8K")
+parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint stage to start from")
+parser.add_argument("--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
+parser.add_argument("--step", type=int, default=None, help="step to start from (default: the last)")
+parser.add_argument("--num-epochs", type=int, default=1, help="passes over the GSM8K train questions")
+parser.add_argument("--num-iterations", type=int, default=-1, help="steps to train (-1 = --num-epochs passes)")
+parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks")
+parser.add_argument("--num-samples", type=int, default=16, help="sampled answers per question")
+parser.add_argument("--device-batch-size", type=int, default=8, help="rows per sampling batch and per forward/backward")
+parser.add_argument("--max-new-tokens", type=int, default=256)
+parser.add_argument("--temperature", type=float, default=1.0)
+parser.add_argument("--top-k", type=int, default=50)
+parser.add_argument("--embedding-lr", type=float, default=0.2)
+parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--matrix-lr", type=float, default=0.02)
+parser.add_argument("--init-lr-frac", type=float, default=0.05, help="RL starts at this fraction of the base LRs")
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1 = only at the end)")
+parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test questions per evaluation")
+parser.add_argument("--eval-samples", type=int, default=4, help="k of pass@k: answers sampled per eval question")
+parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
+args = parser.parse_args()
+user_config = vars(args).copy()
+for name in ("num_epochs", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_samples"):
+    if getattr(args, name) <= 0:
+        parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+# -----------------------------------------------------------------------------
+print_banner()
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+device_type = device.type
+master_process = rank == 0
+autocast = autocast_ctx(device_type)
+wandb_run = init_wandb(args.run, "nanochat-rl", user_config, master_process)
+
+# No torch.compile: every step's samples have a different length, and the Engine runs the model eagerly.
+model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+engine = Engine(model, tokenizer)
+optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+
+train_task = GSM8K(subset="main", split="train")
+val_task = GSM8K(subset="main", split="test")
+if args.examples_per_step % world_size != 0:
+    parser.error(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of processes ({world_size})")
+examples_per_rank = args.examples_per_step // world_size
+num_iterations = args.num_iterations if args.num_iterations > 0 else \
+    max(1, args.num_epochs * len(train_task) // args.examples_per_step)
+print0(f"{num_iterations} steps x {args.examples_per_step} questions x {args.num_samples} samples "
+       f"({examples_per_rank} questions per rank)")
+
+
+# -----------------------------------------------------------------------------
+def sample_answers(conversation, num_samples, seed):
+    """-> (prompt, sequences, masks): num_samples completions of the conversation's last assistant turn,
+    sampled device_batch_size at a time (bounds the KV cache memory)."""
+    prompt = tokenizer.render_for_completion(conversation)
+    sequences, masks = [], []
+    for first in range(0, num_samples, args.device_batch_size):
+        batch_size = min(args.device_batch_size, num_samples - first)
+        rows, row_masks = engine.generate_batch(prompt, num_samples=batch_size, max_tokens=args.max_new_tokens,
+                                                temperature=args.temperature, top_k=args.top_k, seed=seed + first)
+        sequences += rows
+        masks += row_masks
+    return prompt, sequences, masks
+
+
+def completions(prompt, sequences):
+    return [tokenizer.decode(sequence[len(prompt):]) for sequence in sequences]
+
+
+def to_training_rows(sequences, masks):
+    """-> inputs, targets (N, L): targets are the next tokens where the model sampled them, else -1."""
+    width = max(len(s) for s in sequences) - 1
+    inputs = torch.full((len(sequences), width), tokenizer.get_bos_token_id(), dtype=torch.long)
+    targets = torch.full((len(sequences), width), -1, dtype=torch.long)
+    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
+        n = len(sequence) - 1
+        inputs[row, :n] = torch.tensor(sequence[:-1])
+        targets[row, :n] = torch.tensor([t if m else -1 for t, m in zip(sequence[1:], mask[1:])])
+    return inputs.to(device), targets.to(device)
+
+
+def all_reduce_sum(values):
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate_pass_at_k():
+    """-> (pass@1, pass@k) on the first --eval-examples test questions, k = --eval-samples.
+    pass@1 is the mean fraction of correct samples (an unbiased estimate, less noisy than one sample)."""
+    model.eval()
+    sum_pass1, sum_passk, count = 0.0, 0.0, 0
+    for index in range(rank, min(args.eval_examples, len(val_task)), world_size):
+        conversation = val_task[index]
+        prompt, sequences, _ = sample_answers(conversation, args.eval_samples, seed=index)
+        correct = [val_task.evaluate(conversation, c) for c in completions(prompt, sequences)]
+        sum_pass1 += sum(correct) / len(correct)
+        sum_passk += any(correct)
+        count += 1
+    sum_pass1, sum_passk, count = all_reduce_sum([sum_pass1, sum_passk, count])
+    model.train()
+    return sum_pass1 / max(count, 1), sum_passk / max(count, 1)
+
+
+def save(step):
+    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["rl"], model_tag)
+    meta = {"step": step, "model_config": asdict(model.config), "user_config": user_config, "val_pass_at_k": eval_results,
+            "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta, rank=rank)
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+step, eval_results, total_training_time = 0, {}, 0.0
+curve = []
+model.train()
+while True:
+    last_step = step == num_iterations
+
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        pass1, passk = evaluate_pass_at_k()
+        eval_results = {"pass@1": pass1, f"pass@{args.eval_samples}": passk}
+        print0(f"Step {step:05d} | GSM8K test pass@1 {100 * pass1:.2f}% | pass@{args.eval_samples} {100 * passk:.2f}%")
+        curve.append({"step": step, **eval_results, "elapsed": total_training_time})
+        wandb_run.log({"step": step, **{f"val/{k}": v for k, v in eval_results.items()}})
+
+    if not args.dry_run and (last_step or (step > 0 and args.save_every > 0 and step % args.save_every == 0)):
+        save(step)
+
+    if last_step:
+        break
+
+    synchronize(device_type)
+    t0 = time.time()
+    # 1) sample: this rank's questions of the step, num_samples answers each, with their rewards
+    sequences, masks, advantages, rewards, completion_lengths = [], [], [], [], []
+    for j in range(rank, args.examples_per_step, world_size):
+        index = (step * args.examples_per_step + j) % len(train_task)
+        conversation = train_task[index]
+        prompt, question_sequences, question_masks = sample_answers(conversation, args.num_samples, seed=step * 10**6 + index)
+        question_rewards = torch.tensor([train_task.reward(conversation, c) for c in completions(prompt, question_sequences)])
+        sequences += question_sequences
+        masks += question_masks
+        rewards += question_rewards.tolist()
+        advantages += (question_rewards - question_rewards.mean()).tolist()
+        completion_lengths += [len(s) - len(prompt) for s in question_sequences]
+
+    # 2) policy gradient: maximise sum(advantage * log p(sampled token)) / number of sampled tokens
+    inputs, targets = to_training_rows(sequences, masks)
+    advantages = torch.tensor(advantages, dtype=torch.float32, device=device)
+    num_sampled_tokens = (targets >= 0).sum().clamp(min=1)
+    for first in range(0, len(sequences), args.device_batch_size):
+        rows = slice(first, first + args.device_batch_size)
+        with autocast:
+            log_probs = -model(inputs[rows], targets[rows], loss_reduction="none")  # 0 where target is -1
+        objective = (log_probs * advantages[rows, None]).sum() / num_sampled_tokens
+        (-objective).backward()
+    lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device_type)
+    dt = time.time() - t0
+    step += 1
+
+    reward_sum, num_answers, completion_tokens = all_reduce_sum([sum(rewards), len(rewards), sum(completion_lengths)])
+    mean_reward, mean_length = reward_sum / num_answers, completion_tokens / num_answers
+    total_training_time += dt
+    eta = total_training_time / step * (num_iterations - step)
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | reward {mean_reward:.4f} | "
+           f"answer length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | eta {format_duration(eta)}")
+    curve.append({"step": step, "reward": mean_reward, "answer_length": mean_length, "elapsed": total_training_time})
+    wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_length": mean_length, "train/lrm": lrm,
+                   "train/dt": dt})
+
+# -----------------------------------------------------------------------------
+print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
+print0(f"Total training time: {format_duration(total_training_time)}")
+if not args.dry_run:
+    get_report().log(section="Chat RL", data=[user_config, {
+        "Number of iterations": step,
+        "DDP world size": world_size,
+        **{f"GSM8K test {k}": v for k, v in eval_results.items()},
+        "Total training time": format_duration(total_training_time),
+    }, {"training_curve": curve}])
+wandb_run.finish()
+compute_cleanup()
