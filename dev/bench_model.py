@@ -1,0 +1,79 @@
+"""
+Benchmark one training step of the model: forward+backward throughput, optimizer step time, peak memory
+and (on GPU) MFU. Sizes follow base_train's rules (width = depth * aspect_ratio rounded up to head_dim).
+
+    python -m dev.bench_model --depth 4 --seq 512 --batch 8 --device-type cpu          # the CPU d4 config
+    python -m dev.bench_model --depth 20 --head-dim 128 --seq 2048 --batch 32 --compile  # d20 on one GPU
+"""
+
+import argparse
+import time
+
+import torch
+
+from nanochat.common import (autocast_ctx, autodetect_device_type, get_device_name, get_max_memory_mb, get_peak_flops,
+                             synchronize)
+from nanochat.gpt import GPT, GPTConfig
+
+parser = argparse.ArgumentParser(description="Benchmark GPT forward+backward and the optimizer step")
+parser.add_argument("--depth", type=int, default=4)
+parser.add_argument("--aspect-ratio", type=int, default=64)
+parser.add_argument("--head-dim", type=int, default=64)
+parser.add_argument("--vocab-size", type=int, default=8192)
+parser.add_argument("--seq", type=int, default=512, help="sequence length")
+parser.add_argument("--batch", type=int, default=8, help="sequences per forward+backward")
+parser.add_argument("--window-pattern", type=str, default="L")
+parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup untimed ones)")
+parser.add_argument("--warmup", type=int, default=2)
+parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
+args = parser.parse_args()
+
+device_type = args.device_type or autodetect_device_type()
+device = torch.device(device_type)
+model_dim = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
+num_heads = model_dim // args.head_dim
+config = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab_size, n_layer=args.depth, n_head=num_heads,
+                   n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern)
+torch.manual_seed(0)
+with torch.device("meta"):
+    model = GPT(config)
+model.to_empty(device=device)
+model.init_weights()
+optimizer = model.setup_optimizer()
+train_model = torch.compile(model, dynamic=False) if args.compile else model
+flops_per_token = model.estimate_flops()
+print(f"d{args.depth}: width {model_dim}, {num_heads} heads, {model.num_scaling_params()['total']:,} params, "
+      f"{flops_per_token / 1e6:.1f} MFLOP/token, window pattern {args.window_pattern}, device {get_device_name(device_type)}")
+
+inputs = torch.randint(0, args.vocab_size, (args.batch, args.seq), device=device)
+targets = torch.randint(0, args.vocab_size, (args.batch, args.seq), device=device)
+fwdbwd_times, optim_times = [], []
+for step in range(args.warmup + args.steps):
+    synchronize(device_type)
+    t0 = time.perf_counter()
+    with autocast_ctx(device_type):
+        loss = train_model(inputs, targets)
+    loss.backward()
+    synchronize(device_type)
+    t1 = time.perf_counter()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    synchronize(device_type)
+    t2 = time.perf_counter()
+    timed = step >= args.warmup
+    print(f"step {step}{'' if timed else ' (warmup)'}: fwd+bwd {t1 - t0:.3f}s, optimizer {t2 - t1:.3f}s, loss {loss.item():.4f}")
+    if timed:
+        fwdbwd_times.append(t1 - t0)
+        optim_times.append(t2 - t1)
+
+fwdbwd = sorted(fwdbwd_times)[len(fwdbwd_times) // 2]  # median: robust to a noisy (shared) machine
+optim = sorted(optim_times)[len(optim_times) // 2]
+tokens_per_sec = args.batch * args.seq / fwdbwd
+print(f"forward+backward: {tokens_per_sec:,.0f} tokens/s ({fwdbwd:.3f}s per {args.batch}x{args.seq} batch, "
+      f"{flops_per_token * tokens_per_sec / 1e9:.1f} GFLOP/s)")
+print(f"optimizer step: {optim:.3f}s")
+print(f"peak memory: {get_max_memory_mb(device_type):,.0f} MiB")
+if device_type == "cuda":
+    mfu = flops_per_token * tokens_per_sec / get_peak_flops(get_device_name(device_type))
+    print(f"MFU (forward+backward): {100 * mfu:.1f}%")

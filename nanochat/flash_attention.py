@@ -1,0 +1,195 @@
+"""
+One front door for attention, with Flash Attention 3's API and its (B, T, H, D) tensor layout.
+
+Backends, settled on first use (GPT.init_weights makes that happen eagerly) with one printed line:
+  fa3   FA3 kernels on Hopper GPUs, loaded through the `kernels` package from the Hugging Face hub.
+  flex  FlexAttention on other CUDA GPUs: compiled and block-sparse, so sliding-window layers skip the
+        masked blocks and `window_pattern=SSSL` stays faster than `L` (SDPA would compute them all).
+  sdpa  torch's scaled_dot_product_attention: CPU, MPS, and the KV-cache path wherever FA3 is absent.
+
+Window semantics (FA3's): with window_size=(left, right) a query at absolute position i attends keys at
+positions j with i - left <= j <= i + right; -1 means unlimited; causal=True forces right = 0.
+Tests force a backend by setting `_override_impl`.
+"""
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import print0
+
+_override_impl = None  # None (automatic) | 'fa3' | 'flex' | 'sdpa'
+_BACKENDS = ("fa3", "flex", "sdpa")
+_UNLIMITED = 1 << 30  # wider than any sequence: stands in for FA3's -1 in mask arithmetic
+
+_fa3_kernels = None  # the FA3 interface module once loaded
+_fa3_status = None  # None until the first attention call tried to load FA3, then a short reason
+_block_masks = {}  # FlexAttention block masks per (Tq, Tk, causal, window, device)
+_compiled_flex = None
+
+
+def _load_fa3():
+    """
+    Try FA3 once. Any failure (no GPU, not Hopper, no `kernels`, no network) just leaves it None; either way
+    one printed line says which backend serves attention.
+    """
+    global _fa3_kernels, _fa3_status
+    if not torch.cuda.is_available():
+        _fa3_status = "no CUDA device"
+    elif torch.cuda.get_device_capability()[0] != 9:
+        _fa3_status = "not a Hopper (sm90) GPU; the FA3 kernels are built for Hopper only"
+    else:
+        try:
+            from kernels import get_kernel
+            kernel = get_kernel("varunneal/flash-attention-3")
+            _fa3_kernels = getattr(kernel, "flash_attn_interface", kernel)
+            _fa3_status = "loaded"
+        except Exception as e:  # noqa: BLE001 - any failure means "use a fallback"
+            _fa3_status = f"could not load it ({type(e).__name__}: {e})"[:200]
+    if _fa3_kernels is not None:
+        print0("Attention backend: fa3 (Flash Attention 3 kernels)")
+    elif torch.cuda.is_available():
+        print0(f"Attention backend: flex on CUDA, sdpa elsewhere (FA3: {_fa3_status})")
+    else:
+        print0(f"Attention backend: sdpa (FA3: {_fa3_status})")
+
+
+def _fa3():
+    """The FA3 interface, or None. Loaded on first use: importing this module must not touch the network."""
+    if _fa3_status is None:
+        _load_fa3()
+    return _fa3_kernels
+
+
+def __getattr__(name):
+    # HAS_FA3 answers on first access (module-level __getattr__), so that merely importing this module stays cheap.
+    if name == "HAS_FA3":
+        return _fa3() is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _use_fa3():
+    """True when FA3 serves (CUDA) calls under the current override."""
+    if _override_impl not in (None, *_BACKENDS):
+        raise ValueError(f"flash_attention._override_impl must be None or one of {_BACKENDS}, got {_override_impl!r}")
+    if _override_impl == "fa3" and _fa3() is None:
+        raise RuntimeError(f"_override_impl='fa3' but FA3 is unavailable ({_fa3_status}); "
+                           "it needs a Hopper GPU and `pip install kernels` with access to the Hugging Face hub. "
+                           "Use None, 'flex' or 'sdpa' instead.")
+    return _override_impl in (None, "fa3") and _fa3() is not None
+
+
+def _pick_backend(q):
+    if _use_fa3() and (q.is_cuda or _override_impl == "fa3"):
+        return "fa3"
+    if _override_impl in ("flex", "sdpa"):
+        return _override_impl
+    return "flex" if q.is_cuda else "sdpa"
+
+
+def _first(out):
+    # Some FA3 builds return (out, softmax_lse), others just out.
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _allowed(diff, causal, window_size):
+    """diff = query position - key position (tensors). True where FA3's window rules let the query see the key."""
+    left, right = (w if w >= 0 else _UNLIMITED for w in window_size)
+    if causal:
+        right = 0
+    return (diff <= left) & (diff >= -right)
+
+
+def _sdpa(q, k, v, attn_mask=None, is_causal=False):
+    """SDPA on (B, T, H, D) tensors; attn_mask is boolean, True = attend."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA wants (B, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                       enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+
+
+def _create_block_mask(Tq, Tk, causal, window_size, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq  # queries are the last Tq positions (bottom-right aligned, as in FA3)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _allowed(q_idx + offset - kv_idx, causal, window_size)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
+
+
+def _flex(q, k, v, causal, window_size):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    key = (q.size(1), k.size(1), causal, tuple(window_size), q.device)
+    if key not in _block_masks:
+        _block_masks[key] = _create_block_mask(*key)
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        attend = _compiled_flex
+    else:
+        # inside a compiled model the enclosing torch.compile fuses it; on CPU it is the unfused reference (tests)
+        attend = flex_attention
+    y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_block_masks[key],
+               enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+    """Attention over (B, T, H, D) q and (B, T, H_kv, D) k, v; returns (B, T, H, D)."""
+    backend = _pick_backend(q)
+    if backend == "fa3":
+        return _first(_fa3().flash_attn_func(q, k, v, causal=causal, window_size=window_size))
+    if backend == "flex":
+        return _flex(q, k, v, causal, window_size)
+    Tq, Tk = q.size(1), k.size(1)
+    if causal and Tq == Tk and (window_size[0] < 0 or window_size[0] >= Tk - 1):
+        return _sdpa(q, k, v, is_causal=True)  # the window excludes nothing: plain causal, fastest kernel
+    q_pos = torch.arange(Tk - Tq, Tk, device=q.device)
+    mask = _allowed(q_pos.unsqueeze(1) - torch.arange(Tk, device=q.device), causal, window_size)
+    return _sdpa(q, k, v, attn_mask=mask)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False,
+                            window_size=(-1, -1)):
+    """
+    Attention for inference. k/v (B, T_new, H_kv, D), when given, are written into the (B, T_max, H_kv, D)
+    caches in place at each row's cache_seqlens; the queries then attend over that row's prefix plus the
+    new tokens. cache_seqlens itself is NOT advanced here (the KV cache object does that).
+    """
+    backend = _pick_backend(q)
+    if backend == "fa3":
+        return _first(_fa3().flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                     causal=causal, window_size=window_size))
+    # FlexAttention would rebuild its block mask at every decode step; SDPA serves the cache path instead.
+    B, Tq = q.shape[:2]
+    device = q.device
+    if cache_seqlens is None:
+        cache_seqlens = torch.zeros(B, dtype=torch.int32, device=device)
+    num_new = 0
+    if k is not None:
+        num_new = k.size(1)
+        rows = torch.arange(B, device=device).unsqueeze(1)
+        cols = cache_seqlens.unsqueeze(1) + torch.arange(num_new, device=device)
+        k_cache[rows, cols] = k.to(k_cache.dtype)
+        v_cache[rows, cols] = v.to(v_cache.dtype)
+    seqlens = cache_seqlens + num_new  # keys each row holds now
+    lengths = seqlens.tolist()  # one host sync: slicing the cache needs Python ints
+    Tk = max(lengths)
+    keys, values = k_cache[:, :Tk].to(q.dtype), v_cache[:, :Tk].to(q.dtype)  # (no-ops unless the cache dtype differs)
+    same_length = min(lengths) == Tk
+    if same_length and Tq == 1:  # single-token decode: the window is a slice, no mask needed
+        start = 0 if window_size[0] < 0 else max(0, Tk - 1 - window_size[0])
+        return _sdpa(q, keys[:, start:], values[:, start:])
+    if same_length and Tq == Tk and causal and (window_size[0] < 0 or window_size[0] >= Tk - 1):
+        return _sdpa(q, keys, values, is_causal=True)  # prefill into an empty cache
+    # General case (chunked prefill, rows of different lengths): explicit mask on absolute positions.
+    q_pos = seqlens.unsqueeze(1) - Tq + torch.arange(Tq, device=device)  # (B, Tq)
+    k_pos = torch.arange(Tk, device=device)
+    mask = _allowed(q_pos.unsqueeze(2) - k_pos, causal, window_size) & (k_pos < seqlens.view(B, 1, 1))
+    return _sdpa(q, keys, values, attn_mask=mask.unsqueeze(1))
+
+
+flash_attn = SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache)

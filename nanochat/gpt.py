@@ -1,0 +1,302 @@
+"""
+The GPT model: a Transformer with the tuned details of the nanochat design.
+
+- rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm everywhere
+- untied token embedding and lm_head; ReLU^2 MLP; no biases
+- every block's input mixes in the normed token embedding x0 through learnable per-layer scalars
+- value embeddings (ResFormer): alternating layers add a gated per-token table lookup to v
+- sliding-window attention per layer (window_pattern), the last layer always sees the full context
+- logits soft-capped with tanh; vocab padded to a multiple of 64 and cropped back
+
+Construct under torch.device("meta"), then `to_empty(device=...)` and `init_weights()`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat import flash_attention
+from nanochat.flash_attention import flash_attn
+from nanochat.optim import DistMuonAdamW, MuonAdamW
+
+LOGIT_SOFTCAP = 15.0  # logits live in (-15, 15): bounded logits keep early training stable
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads only the first 32 channels of the block input
+ROTARY_BASE = 10000
+ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x sequence_len, so generation can run past it
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # tiled over layers: L = full context, S = half context
+
+
+def norm(x):
+    """Parameter-free RMSNorm over the last dim (torch's default eps)."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_value_embedding(layer_idx, n_layer):
+    """Alternating layers own a value embedding, the last layer always does."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate pairs formed by the two halves of each head: (x1 cos + x2 sin, -x1 sin + x2 cos)."""
+    d = x.size(3) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
+
+
+def compute_window_sizes(config):
+    """(left, right) attention window per layer from the tiled window_pattern; the final layer is always full."""
+    pattern = config.window_pattern.upper()
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise ValueError(f"window_pattern must be a string of 'S' and 'L' (e.g. 'SSSL' or 'L'), "
+                         f"got {config.window_pattern!r}")
+    long_window, short_window = (config.sequence_len, 0), (config.sequence_len // 2, 0)
+    sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(config.n_layer)]
+    sizes[-1] = long_window
+    return sizes
+
+
+def check_config(config):
+    if config.n_embd % config.n_head != 0 or (config.n_embd // config.n_head) % 2 != 0:
+        raise ValueError(f"n_embd ({config.n_embd}) must split into n_head ({config.n_head}) heads of even size")
+    if config.n_head % config.n_kv_head != 0:
+        raise ValueError(f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head})")
+    if config.n_embd < VE_GATE_CHANNELS:
+        raise ValueError(f"n_embd must be at least {VE_GATE_CHANNELS} (the value-embedding gate reads that many channels)")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        has_ve = has_value_embedding(layer_idx, config.n_layer)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
+
+    def forward(self, x, ve, cos_sin, window_size, kv_cache):
+        B, T, _ = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # per-head gate in (0, 2), 1.0 at init (zero weights): the value embedding starts fully mixed in
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = (t.to(q.dtype) for t in cos_sin)  # tables are bf16; match fp32 on CPU
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        # QK-norm. rms_norm autocasts to fp32 on CUDA: bring q, k back to v's dtype for the kernels.
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
+        if kv_cache is None:
+            y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        else:
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                                   causal=True, window_size=window_size)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, window_size, kv_cache):
+        x = x + self.attn(norm(x), ve, cos_sin, window_size, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.window_sizes = compute_window_sizes(config)
+        # A vocab that is a multiple of 64 keeps the lm_head matmul on efficient tile sizes; logits are cropped.
+        padded_vocab_size = math.ceil(config.vocab_size / 64) * 64
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(padded_vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        head_dim = config.n_embd // config.n_head
+        kv_dim = config.n_kv_head * head_dim
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(padded_vocab_size, kv_dim)
+            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
+        })
+        # Not persistent: derived from the config, so they stay out of checkpoints; init_weights() fills them.
+        cos, sin = self._precompute_rotary(self.rotary_length, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def rotary_length(self):
+        return ROTARY_LENGTH_FACTOR * self.config.sequence_len
+
+    @staticmethod
+    def _precompute_rotary(seq_len, head_dim, device=None):
+        inv_freq = 1.0 / ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        # (1, T, 1, head_dim/2): broadcasts over batch and heads of (B, T, H, D) tensors
+        return angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialize every parameter and buffer in place (after construction on meta + to_empty)."""
+        n_embd = self.config.n_embd
+        bound = math.sqrt(3) / math.sqrt(n_embd)  # uniform(-b, b) has the std of N(0, 1/n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            # zero output projections: every block starts as the identity on the residual stream
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -bound, bound)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        device = self.get_device()
+        self.cos, self.sin = self._precompute_rotary(self.rotary_length, n_embd // self.config.n_head, device)
+        # Settle the attention backend now, eagerly: loading FA3 (and printing the backend) inside a torch.compile
+        # trace would leave graph breaks in the compiled model for good.
+        flash_attention._use_fa3()
+        if device.type == "cuda":
+            # Embeddings are lookups, not matmuls: bf16 storage halves their memory at no cost in quality.
+            self.transformer.wte.to(dtype=torch.bfloat16)
+            for table in self.value_embeds.values():
+                table.to(dtype=torch.bfloat16)
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) fp32, or the loss when targets are given."""
+        B, T = idx.size()
+        pos0 = 0 if kv_cache is None else kv_cache.get_pos()
+        if pos0 + T > self.rotary_length:
+            raise ValueError(f"Position {pos0 + T} is beyond the rotary tables ({self.rotary_length} = "
+                             f"{ROTARY_LENGTH_FACTOR} x sequence_len); use a shorter context")
+        cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
+        # .float(): on CUDA wte is stored in bf16; the residual stream is kept in fp32 (a no-op on CPU)
+        x = x0 = norm(self.transformer.wte(idx).float())
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        # Softcap 15 * tanh(z / 15) with the division moved before the (linear) lm_head: the hidden state is
+        # vocab/n_embd times smaller than the logits, which saves two full passes over them (fwd + bwd).
+        logits = self.lm_head(norm(x) / LOGIT_SOFTCAP)
+        if logits.size(-1) != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]  # drop the padding columns
+        logits = LOGIT_SOFTCAP * torch.tanh(logits.float())
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss if loss_reduction != "none" else loss.view(B, T)
+
+    def num_scaling_params(self):
+        """Parameter counts by kind (scaling-law fits use transformer_matrices + lm_head)."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters())
+        return counts
+
+    def estimate_flops(self):
+        """FLOPs per token of one training step: 6 per matmul weight plus the attention score/value matmuls."""
+        counts = self.num_scaling_params()
+        matmul_params = counts["transformer_matrices"] + counts["lm_head"]  # embeddings are lookups, scalars tiny
+        head_dim = self.config.n_embd // self.config.n_head
+        T = self.config.sequence_len
+        attention_flops = sum(12 * self.config.n_head * head_dim * (T if left < 0 else min(left, T))
+                              for left, _ in self.window_sizes)
+        return 6 * matmul_params + attention_flops
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                        adam_betas=(0.8, 0.95), scalar_lr=0.5):
+        """One optimizer for everything: AdamW for embeddings, lm_head and scalars, Muon for block matrices."""
+        # The AdamW learning rates were tuned at width 768; wider models take proportionally smaller steps.
+        scale = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(params, lr, betas=adam_betas):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=0.0)
+
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr * scale),
+            adamw([self.transformer.wte.weight], embedding_lr * scale),
+            adamw(list(self.value_embeds.parameters()), embedding_lr * scale),
+            adamw([self.resid_lambdas], scalar_lr * 0.01),  # the residual scale is sensitive: move it slowly
+            adamw([self.x0_lambdas], scalar_lr, betas=(0.96, 0.95)),  # higher beta1 for x0 helped at d20
+        ]
+        matrices = list(self.transformer.h.parameters())
+        for shape in sorted({p.shape for p in matrices}):  # Muon stacks same-shape matrices into one update
+            groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
+                               momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return DistMuonAdamW(groups) if distributed else MuonAdamW(groups)
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive streaming generation (full forward per token, no cache): the reference for the Engine."""
+        device = self.get_device()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth_best, -float("inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
