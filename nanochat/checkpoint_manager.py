@@ -1,0 +1,240 @@
+"""
+Checkpoints: save them atomically, find the latest complete one, rebuild model + tokenizer from it.
+
+One checkpoint of step N in a directory (base_dir/<stage>_checkpoints/<model_tag>/):
+  model_{N:06d}.pt            the model state dict (rank 0)
+  optim_{N:06d}_rank{r}.pt    each rank's optimizer shard (optional; needed only to resume training)
+  meta_{N:06d}.json           model config + training state (rank 0), written LAST
+Every file is written to a hidden temp name in the same directory, fsynced, then renamed into place, so
+a file under its final name is always whole. Because meta is written last, a checkpoint counts as
+complete exactly when its meta file exists; a crash mid-save leaves at most an incomplete newest step
+(ignored by find_last_step) and never touches earlier steps.
+"""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import tempfile
+
+import torch
+
+from nanochat.common import get_base_dir
+
+logger = logging.getLogger("nanochat")
+
+# Where each training stage keeps its checkpoints, and the script that creates them.
+STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
+
+MODEL_FILE_RE = re.compile(r"^model_(\d{6,})\.pt$")
+
+
+def model_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+
+
+def meta_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+
+
+def optim_path(checkpoint_dir, step, rank):
+    return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+
+
+def _fsync_dir(path):
+    """Make a rename durable: the directory entry itself must reach the disk (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write_fn):
+    """
+    Call write_fn(binary_file) on a temp file next to `path`, fsync it, then rename it over `path`.
+    The temp name starts with '.' and ends with '.tmp' so no checkpoint glob ever matches it.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync_dir(directory)
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    """Rank 0 writes model + meta, every rank writes its optimizer shard (when optimizer_data is not None)."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
+        # Re-saving a step: mark it incomplete first so a crash halfway never pairs old meta with new weights.
+        os.remove(meta_path(checkpoint_dir, step))
+    if rank == 0:
+        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+    if optimizer_data is not None:
+        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+    if rank == 0:
+        payload = json.dumps(meta_data, indent=2).encode("utf-8")
+        atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(payload))
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """-> (model_data, optimizer_data or None, meta_data)."""
+    if not os.path.exists(meta_path(checkpoint_dir, step)):
+        raise FileNotFoundError(f"Checkpoint step {step} in {checkpoint_dir} is missing or incomplete "
+                                f"(no {os.path.basename(meta_path(checkpoint_dir, step))}); pick another --step")
+    model_data = torch.load(model_path(checkpoint_dir, step), map_location=device)
+    optimizer_data = None
+    if load_optimizer:
+        path = optim_path(checkpoint_dir, step, rank)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No optimizer state for rank {rank} at {path}: resume needs the checkpoint of a "
+                                    f"run with the same number of processes (or train without --resume-from-step)")
+        optimizer_data = torch.load(path, map_location=device)
+    with open(meta_path(checkpoint_dir, step), encoding="utf-8") as f:
+        meta_data = json.load(f)
+    return model_data, optimizer_data, meta_data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rebuilding a model from a checkpoint, including checkpoints written before a feature existed.
+
+# Config keys that older checkpoints lack, with the value that reproduces how those models were trained.
+LEGACY_CONFIG_DEFAULTS = {"window_pattern": "L"}  # before sliding windows every layer attended fully
+
+
+def patch_model_config(config_kwargs, config_cls):
+    """Fill keys missing from an older meta["model_config"] with neutral values; drop unknown keys."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    config_kwargs = dict(config_kwargs)
+    for key in sorted(set(config_kwargs) - known):
+        logger.warning(f"Checkpoint config key {key!r} is unknown to GPTConfig; ignoring it")
+        del config_kwargs[key]
+    if "n_kv_head" not in config_kwargs and "n_head" in config_kwargs:
+        logger.warning("Older checkpoint: model_config lacks n_kv_head; using n_kv_head = n_head (no GQA)")
+        config_kwargs["n_kv_head"] = config_kwargs["n_head"]
+    for key, value in LEGACY_CONFIG_DEFAULTS.items():
+        if key not in config_kwargs:
+            logger.warning(f"Older checkpoint: model_config lacks {key}; using {value!r}")
+            config_kwargs[key] = value
+    return config_kwargs
+
+
+def neutral_tensor(key, like):
+    """A value for a parameter the checkpoint predates that makes it a no-op, or None if there is none."""
+    if key == "resid_lambdas":
+        return torch.ones(like.shape, dtype=like.dtype)  # x = 1.0 * x: the plain residual stream
+    if key == "x0_lambdas" or key.startswith("value_embeds.") or key.endswith(".ve_gate.weight"):
+        return torch.zeros(like.shape, dtype=like.dtype)  # no x0 mixing / nothing added to v
+    return None
+
+
+def patch_state_dict(model_data, expected):
+    """Add neutral tensors for keys in `expected` (name -> tensor) that an older checkpoint lacks."""
+    for key in expected:
+        if key in model_data:
+            continue
+        value = neutral_tensor(key, expected[key])
+        if value is None:
+            raise KeyError(f"Checkpoint lacks parameter {key!r} and there is no neutral default for it: "
+                           f"the checkpoint does not match this version of GPT")
+        logger.warning(f"Older checkpoint: missing {key}; filling with the neutral value {value.flatten()[0].item()}")
+        model_data[key] = value
+    return model_data
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """-> (model, tokenizer, meta_data) with the model in train or eval mode on `device`."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    device = torch.device(device)
+    model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device)
+    # torch.compile'd models save their keys under _orig_mod.
+    model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
+    if device.type != "cuda":
+        # CUDA runs keep embeddings in bf16; elsewhere the model computes in fp32 (bf16 is slow on CPU).
+        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
+    config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
+    with torch.device("meta"):
+        model = GPT(config)
+    model_data = patch_state_dict(model_data, model.state_dict())
+    model.to_empty(device=device)
+    model.init_weights()  # non-persistent buffers (rotary tables) are not in the checkpoint
+    model.load_state_dict({k: v.to(device) for k, v in model_data.items()}, strict=True, assign=True)
+    if phase == "train":
+        model.train()
+    else:
+        model.eval()
+
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"The tokenizer in {os.path.join(get_base_dir(), 'tokenizer')} has {tokenizer.get_vocab_size()} "
+                         f"tokens but the checkpoint in {checkpoint_dir} was trained with vocab_size {config.vocab_size}: "
+                         f"use the tokenizer of that run (same NANOCHAT_BASE_DIR) or retrain the model")
+    return model, tokenizer, meta_data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding checkpoints.
+
+def find_largest_model(checkpoints_dir):
+    """The model tag to use by default: the deepest d<N> tag, else the most recently modified directory."""
+    tags = [d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d))] \
+        if os.path.isdir(checkpoints_dir) else []
+    if not tags:
+        raise FileNotFoundError(f"No model directories in {checkpoints_dir}")
+    depth_tags = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
+    if depth_tags:
+        return max(depth_tags)[1]
+    return max(tags, key=lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag)))
+
+
+def find_last_step(checkpoint_dir):
+    """The largest step with a complete checkpoint (model and meta present); temp and partial files don't count."""
+    steps = []
+    for path in glob.glob(os.path.join(checkpoint_dir, "model_*.pt")):
+        match = MODEL_FILE_RE.match(os.path.basename(path))
+        if match and os.path.exists(meta_path(checkpoint_dir, int(match.group(1)))):
+            steps.append(int(match.group(1)))
+    if not steps:
+        raise FileNotFoundError(f"No complete checkpoint (model_*.pt + meta_*.json) in {checkpoint_dir}")
+    return max(steps)
+
+
+def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
+    """Pick the tag (largest model) and step (latest) unless given, then build."""
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"No model tag {model_tag!r} in {checkpoints_dir} (have: {sorted(os.listdir(checkpoints_dir))})")
+    step = find_last_step(checkpoint_dir) if step is None else step
+    logger.info(f"Loading model from {checkpoint_dir} at step {step}")
+    return build_model(checkpoint_dir, step, device, phase)
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """source: base|mid|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints."""
+    if source not in STAGE_DIRS:
+        raise ValueError(f"source must be one of {sorted(STAGE_DIRS)}, got {source!r}")
+    checkpoints_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
+    if not os.path.isdir(checkpoints_dir) or not os.listdir(checkpoints_dir):
+        raise FileNotFoundError(f"No {source} checkpoints in {checkpoints_dir}: run `python -m {STAGE_SCRIPTS[source]}` "
+                                f"first (or set NANOCHAT_BASE_DIR to the run's base dir)")
+    return load_model_from_dir(checkpoints_dir, device, phase, model_tag, step)

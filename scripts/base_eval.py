@@ -1,0 +1,75 @@
+"""
+The CORE metric of a trained model (DCLM's in-context-learning tasks; see nanochat/core_eval.py).
+
+    python -m scripts.base_eval                                   # latest base model, every example
+    python -m scripts.base_eval --max-per-task=100                # quicker and noisier
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- -i mid
+
+The eval bundle comes from $NANOCHAT_DATA_DIR/eval_bundle, else base_dir/eval_bundle (downloaded there
+once). A bundle that lacks some task files gives a score labelled e.g. "CORE (18/22 tasks)".
+Writes base_dir/base_eval/<source>_<tag>_<step>.csv and the "Base model evaluation" report section.
+"""
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+from nanochat.checkpoint_manager import STAGE_DIRS, find_largest_model, load_model
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0, print_banner
+from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
+from nanochat.report import get_report
+
+parser = argparse.ArgumentParser(description="Evaluate a model on the CORE metric")
+parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
+parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
+parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task, a fixed random subset (-1 = all)")
+parser.add_argument("--batch-size", type=int, default=16, help="rows (prompts) per forward pass")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+args = parser.parse_args()
+if args.batch_size < 1:
+    parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+print_banner()
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+try:
+    bundle_dir = get_eval_bundle_dir()  # first: no point loading a model we cannot evaluate
+except RuntimeError as e:
+    sys.exit(str(e))
+model_tag = args.model_tag
+if model_tag is None and os.path.isdir(os.path.join(get_base_dir(), STAGE_DIRS[args.source])):
+    model_tag = find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
+step = meta["step"]
+print0(f"Evaluating {args.source} model {model_tag} step {step} on {world_size} process(es)")
+
+t0 = time.time()
+with autocast_ctx(device.type):
+    core = evaluate_core(model, tokenizer, device, bundle_dir=bundle_dir, max_per_task=args.max_per_task,
+                         batch_size=args.batch_size)
+elapsed = time.time() - t0
+
+if rank == 0:
+    out_dir = os.path.join(get_base_dir(), "base_eval")
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, f"{args.source}_{model_tag}_{step:06d}.csv")
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "accuracy", "centered"])
+        for label, accuracy in core["results"].items():
+            writer.writerow([label, f"{accuracy:.6f}", f"{core['centered_results'][label]:.6f}"])
+        writer.writerow([core["label"], "", f"{core['core_metric']:.6f}"])
+    print0(f"{core['label']}: {core['core_metric']:.4f} in {elapsed:.0f}s; per-task results in {csv_path}")
+
+    summary = {"Source": args.source, "Model tag": model_tag, "Step": step,
+               "Examples per task": "all" if args.max_per_task < 0 else args.max_per_task,
+               core["label"]: core["core_metric"], "Evaluation time (s)": round(elapsed, 1)}
+    if core["missing_tasks"]:
+        summary["Missing tasks"] = ", ".join(core["missing_tasks"])
+    per_task = {label: f"accuracy {accuracy:.4f}, centered {core['centered_results'][label]:+.4f}"
+                for label, accuracy in core["results"].items()}
+    get_report().log(section="Base model evaluation", data=[summary, per_task])
+
+compute_cleanup()

@@ -1,0 +1,73 @@
+"""
+Bits per byte of a trained model on the train and val splits, plus a few samples to eyeball.
+
+    python -m scripts.base_loss --device-batch-size=8 --split-tokens=131072
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss
+
+Writes the "Base model loss" report section.
+"""
+
+import argparse
+
+from nanochat.checkpoint_manager import STAGE_DIRS, load_model
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0, print_banner
+from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+parser = argparse.ArgumentParser(description="bpb on train/val and samples of a trained model")
+parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
+parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
+parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split")
+parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass")
+parser.add_argument("--num-samples", type=int, default=8, help="unconditioned samples to print")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+args = parser.parse_args()
+if args.split_tokens <= 0 or args.device_batch_size <= 0:
+    parser.error("--split-tokens and --device-batch-size must be positive")
+
+print_banner()
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+autocast = autocast_ctx(device.type)
+token_bytes = get_token_bytes(device=device)
+seq_len = model.config.sequence_len
+
+# bpb on each split: the same number of tokens, read by all ranks in parallel
+tokens_per_step = args.device_batch_size * seq_len * world_size
+steps = max(1, args.split_tokens // tokens_per_step)
+bpb_results = {}
+for split in ("train", "val"):
+    batches = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, seq_len, split, device=device)
+    with autocast:
+        bpb_results[split] = evaluate_bpb(model, batches, steps, token_bytes)
+    print0(f"{split} bpb: {bpb_results[split]:.4f} ({steps * tokens_per_step:,} tokens)")
+
+# Samples (rank 0): greedy completions of prompts with known answers, then free-running samples from BOS
+samples = []
+if rank == 0:
+    engine = Engine(model, tokenizer)
+    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+               "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
+               "If 5*x + 3 = 13, then x is"]
+    print0("Prompted samples (greedy):")
+    for prompt in prompts:
+        results, _ = engine.generate_batch(tokenizer(prompt, prepend="<|bos|>"), max_tokens=16, temperature=0)
+        samples.append(tokenizer.decode(results[0][1:]))
+        print0(f"  {samples[-1]!r}")
+    print0("Unconditioned samples (temperature 1.0):")
+    results, _ = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=args.num_samples,
+                                       max_tokens=128, temperature=1.0)
+    for tokens in results:
+        samples.append(tokenizer.decode(tokens[1:]))
+        print0(f"  {samples[-1]!r}")
+
+get_report().log(section="Base model loss", data=[
+    {"Source": args.source, "Step": meta["step"], "Tokens per split": steps * tokens_per_step,
+     "train bpb": bpb_results["train"], "val bpb": bpb_results["val"]},
+    "Samples:\n" + "\n".join(f"- {sample!r}" for sample in samples),
+])
+compute_cleanup()

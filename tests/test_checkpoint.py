@@ -1,0 +1,194 @@
+"""Checkpoints: exact round-trips, crash safety of saves, older-checkpoint patching, finding the right checkpoint."""
+import dataclasses
+import logging
+import os
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as cm
+from nanochat.gpt import GPT, GPTConfig
+
+
+def make_model(vocab_size, seed=0, **overrides):
+    """A tiny GPT whose every weight is random, so outputs depend on all of them."""
+    config = GPTConfig(**{**dict(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                                 window_pattern="SL"), **overrides})
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def meta_for(model, step):
+    return {"step": step, "model_config": dataclasses.asdict(model.config), "val_bpb": 1.5}
+
+
+@pytest.fixture
+def setup(base_dir, tiny_tokenizer):
+    """base_dir with the tiny tokenizer installed, a model, and its checkpoint dir."""
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    model = make_model(tiny_tokenizer.get_vocab_size())
+    checkpoint_dir = str(base_dir / "base_checkpoints" / "d2")
+    return model, checkpoint_dir
+
+
+def sample_ids(model):
+    return torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_save_load_round_trip(setup):
+    model, checkpoint_dir = setup
+    optimizer_data = {"state": {0: {"exp_avg": torch.randn(3, 4)}}, "param_groups": [{"lr": 0.1, "kind": "adamw"}]}
+    cm.save_checkpoint(checkpoint_dir, 5, model.state_dict(), optimizer_data, meta_for(model, 5))
+    assert sorted(os.listdir(checkpoint_dir)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
+
+    model_data, loaded_optim, meta = cm.load_checkpoint(checkpoint_dir, 5, "cpu", load_optimizer=True)
+    assert meta == meta_for(model, 5)
+    assert model_data.keys() == model.state_dict().keys()
+    assert all(torch.equal(model_data[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(loaded_optim["state"][0]["exp_avg"], optimizer_data["state"][0]["exp_avg"])
+    assert loaded_optim["param_groups"] == optimizer_data["param_groups"]
+
+    rebuilt, tokenizer, meta = cm.build_model(checkpoint_dir, 5, "cpu", phase="eval")
+    assert not rebuilt.training and rebuilt.config == model.config
+    assert tokenizer.get_vocab_size() == model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(rebuilt(sample_ids(model)), model(sample_ids(model)))
+    assert cm.build_model(checkpoint_dir, 5, "cpu", phase="train")[0].training
+
+
+def test_compiled_keys_and_bf16_tensors_load_on_cpu(setup):
+    model, checkpoint_dir = setup
+    # What a torch.compile'd CUDA run saves: keys under _orig_mod., embeddings in bf16.
+    state = {f"_orig_mod.{k}": (v.bfloat16() if "wte" in k or "value_embeds" in k else v) for k, v in model.state_dict().items()}
+    cm.save_checkpoint(checkpoint_dir, 1, state, None, meta_for(model, 1))
+    rebuilt, _, _ = cm.build_model(checkpoint_dir, 1, "cpu", phase="eval")
+    assert all(p.dtype == torch.float32 for p in rebuilt.parameters())
+    expected = {k.removeprefix("_orig_mod."): v.float() for k, v in state.items()}
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(setup, monkeypatch):
+    model, checkpoint_dir = setup
+    cm.save_checkpoint(checkpoint_dir, 1, model.state_dict(), {"x": torch.ones(2)}, meta_for(model, 1))
+    real_save = torch.save
+
+    def save_half_then_crash(obj, f):
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)  # a partly written file ...
+        raise OSError("disk full")  # ... then the process dies
+
+    monkeypatch.setattr(torch, "save", save_half_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        cm.save_checkpoint(checkpoint_dir, 2, make_model(model.config.vocab_size, seed=1).state_dict(), None,
+                           meta_for(model, 2))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(checkpoint_dir)) == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    assert cm.find_last_step(checkpoint_dir) == 1
+    rebuilt, _, _ = cm.build_model(checkpoint_dir, 1, "cpu", phase="eval")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(sample_ids(model)), model(sample_ids(model)))
+
+
+def test_crash_before_meta_leaves_an_incomplete_step_that_is_ignored(setup, monkeypatch):
+    model, checkpoint_dir = setup
+    cm.save_checkpoint(checkpoint_dir, 1, model.state_dict(), None, meta_for(model, 1))
+    real_replace = os.replace
+
+    def crash_on_meta(src, dst):
+        if os.path.basename(dst).startswith("meta_"):
+            raise KeyboardInterrupt  # killed between the weights and the meta
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_meta)
+    with pytest.raises(KeyboardInterrupt):
+        cm.save_checkpoint(checkpoint_dir, 2, model.state_dict(), None, meta_for(model, 2))
+    monkeypatch.setattr(os, "replace", real_replace)
+    files = sorted(os.listdir(checkpoint_dir))
+    assert files == ["meta_000001.json", "model_000001.pt", "model_000002.pt"]  # no temp file left behind
+    assert cm.find_last_step(checkpoint_dir) == 1
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        cm.load_checkpoint(checkpoint_dir, 2, "cpu")
+    # Stray temp files and weights without meta are never taken for a checkpoint.
+    (open(os.path.join(checkpoint_dir, ".model_000009.pt.abc.tmp"), "wb")).close()
+    (open(os.path.join(checkpoint_dir, ".meta_000009.json.abc.tmp"), "wb")).close()
+    assert cm.find_last_step(checkpoint_dir) == 1
+
+    # Re-saving an existing step marks it incomplete first: a crash then never pairs old meta with new weights.
+    monkeypatch.setattr(os, "replace", crash_on_meta)
+    with pytest.raises(KeyboardInterrupt):
+        cm.save_checkpoint(checkpoint_dir, 1, make_model(model.config.vocab_size, seed=2).state_dict(), None,
+                           meta_for(model, 1))
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(FileNotFoundError, match="No complete checkpoint"):
+        cm.find_last_step(checkpoint_dir)
+
+
+def test_older_checkpoint_gets_neutral_defaults(setup, caplog):
+    model, checkpoint_dir = setup
+    old_model = make_model(model.config.vocab_size, window_pattern="L")
+    state = old_model.state_dict()
+    del state["resid_lambdas"], state["x0_lambdas"]  # written before these scalars existed
+    meta = meta_for(old_model, 3)
+    del meta["model_config"]["window_pattern"]  # written before sliding windows existed
+    cm.save_checkpoint(checkpoint_dir, 3, state, None, meta)
+
+    with caplog.at_level(logging.WARNING, logger="nanochat"):
+        rebuilt, _, _ = cm.build_model(checkpoint_dir, 3, "cpu", phase="eval")
+    assert "window_pattern" in caplog.text and "resid_lambdas" in caplog.text and "x0_lambdas" in caplog.text
+    assert rebuilt.config.window_pattern == "L"
+    # The old model had no scalars, i.e. a plain residual stream: resid 1, x0 0.
+    with torch.no_grad():
+        old_model.resid_lambdas.fill_(1.0)
+        old_model.x0_lambdas.fill_(0.0)
+        assert torch.equal(rebuilt(sample_ids(model)), old_model(sample_ids(model)))
+
+
+def test_vocab_size_mismatch_is_a_clear_error(setup):
+    model, checkpoint_dir = setup
+    other = make_model(model.config.vocab_size + 64)
+    cm.save_checkpoint(checkpoint_dir, 1, other.state_dict(), None, meta_for(other, 1))
+    with pytest.raises(ValueError, match=rf"{model.config.vocab_size} tokens .* vocab_size {model.config.vocab_size + 64}"):
+        cm.build_model(checkpoint_dir, 1, "cpu", phase="eval")
+
+
+def test_find_largest_model(tmp_path):
+    for tag in ["d4", "d20", "d12", "custom"]:
+        (tmp_path / "a" / tag).mkdir(parents=True)
+    assert cm.find_largest_model(str(tmp_path / "a")) == "d20"
+    for tag, mtime in [("old", 1_000), ("newest", 3_000), ("middle", 2_000)]:
+        (tmp_path / "b" / tag).mkdir(parents=True)
+        os.utime(tmp_path / "b" / tag, (mtime, mtime))
+    assert cm.find_largest_model(str(tmp_path / "b")) == "newest"
+    with pytest.raises(FileNotFoundError):
+        cm.find_largest_model(str(tmp_path / "missing"))
+
+
+def test_load_model_picks_largest_tag_and_last_step(setup, base_dir):
+    model, _ = setup
+    stage_dir = base_dir / "chatsft_checkpoints"
+    cm.save_checkpoint(str(stage_dir / "d2"), 10, model.state_dict(), None, meta_for(model, 10))
+    newer = make_model(model.config.vocab_size, seed=3)
+    cm.save_checkpoint(str(stage_dir / "d2"), 20, newer.state_dict(), None, meta_for(newer, 20))
+    cm.save_checkpoint(str(stage_dir / "d1"), 99, model.state_dict(), None, meta_for(model, 99))
+    loaded, _, meta = cm.load_model("sft", "cpu", phase="eval")
+    assert meta["step"] == 20
+    with torch.no_grad():
+        assert torch.equal(loaded(sample_ids(model)), newer(sample_ids(model)))
+    assert cm.load_model("sft", "cpu", phase="eval", model_tag="d1")[2]["step"] == 99
+    assert cm.load_model("sft", "cpu", phase="eval", model_tag="d2", step=10)[2]["step"] == 10
+
+
+def test_load_model_errors_say_what_to_run(base_dir):
+    with pytest.raises(FileNotFoundError, match="scripts.base_train"):
+        cm.load_model("base", "cpu", phase="eval")
+    with pytest.raises(FileNotFoundError, match="scripts.chat_rl"):
+        cm.load_model("rl", "cpu", phase="eval")
+    with pytest.raises(ValueError, match="source must be one of"):
+        cm.load_model("pretrain", "cpu", phase="eval")
