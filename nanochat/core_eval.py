@@ -53,8 +53,9 @@ SUBSET_SEED = 1337  # --max-per-task takes a fixed random subset (files are ofte
 def fewshot_indices(num_examples, idx, num_fewshot):
     """Indices of the solved examples shown before example idx (never idx itself), fixed per idx."""
     rng = random.Random(FEWSHOT_SEED + idx)
-    others = [i for i in range(num_examples) if i != idx]
-    return rng.sample(others, min(num_fewshot, len(others)))
+    # sample from the other num_examples-1 positions without building their list (O(k), not O(N))
+    draws = rng.sample(range(num_examples - 1), min(num_fewshot, num_examples - 1))
+    return [i + 1 if i >= idx else i for i in draws]
 
 
 def fewshot_text(shots):
