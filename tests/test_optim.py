@@ -1,0 +1,287 @@
+"""
+MuonAdamW / DistMuonAdamW against simple references written here: a textbook AdamW, a per-matrix
+Muon (momentum, Polar Express from SPEC §4, NorMuon, cautious weight decay), the SVD polar factor,
+the single-process optimizer (for the distributed one, under torchrun), and hand-computed schedules.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.optim import (
+    DistMuonAdamW,
+    MuonAdamW,
+    apply_schedules,
+    get_lr_multiplier,
+    get_muon_momentum,
+    get_weight_decay,
+    polar_express,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Transcribed from SPEC §4, independently of nanochat/optim.py.
+SPEC_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def leaf(tensor):
+    return torch.nn.Parameter(tensor)
+
+
+# ------------------------------------------------------------------ AdamW
+
+
+def reference_adamw(p, g, state, lr, betas, eps, wd):
+    """Textbook AdamW in fp32 on an fp32 master value p; returns the new p."""
+    beta1, beta2 = betas
+    state["t"] += 1
+    state["m"] = beta1 * state["m"] + (1 - beta1) * g
+    state["v"] = beta2 * state["v"] + (1 - beta2) * g * g
+    m_hat = state["m"] / (1 - beta1 ** state["t"])
+    v_hat = state["v"] / (1 - beta2 ** state["t"])
+    return p * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+
+
+def test_adamw_matches_textbook_including_bf16_param():
+    torch.manual_seed(0)
+    params = [leaf(torch.randn(33, 17)), leaf(torch.randn(5)), leaf(torch.randn(16, 8).bfloat16())]
+    groups = [
+        dict(kind="adamw", params=params[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1),
+        dict(kind="adamw", params=params[2:], lr=0.05, betas=(0.9, 0.99), eps=1e-10, weight_decay=0.0),
+    ]
+    optimizer = MuonAdamW(groups)
+    ref_p = [p.detach().float().clone() for p in params]
+    ref_state = [dict(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in ref_p]
+    hyper = [groups[0]] * 2 + [groups[1]]
+    for step in range(6):
+        lrm = 1.0 - 0.1 * step  # a changing lr must be picked up every step
+        apply_schedules(optimizer, lrm)
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape).to(p.dtype) * (10.0 ** (i - 1))
+            g = hyper[i]
+            ref_p[i] = reference_adamw(p.detach().float(), p.grad.float(), ref_state[i], g["lr"] * lrm, g["betas"], g["eps"], g["weight_decay"])
+        optimizer.step()
+        for i in range(2):
+            torch.testing.assert_close(params[i].detach(), ref_p[i], rtol=1e-5, atol=1e-6)
+        # bf16 param: the step runs in fp32 from the bf16 value and rounds once at the end.
+        torch.testing.assert_close(params[2].detach(), ref_p[2].bfloat16(), rtol=0, atol=0.01)  # at most 1 ulp at |p|<4
+        assert (params[2].detach() != ref_p[2].bfloat16()).float().mean() < 0.05
+    # Moments are fp32 and match fp32 math to fp32 precision (bf16 math would be off by ~1e-3).
+    state = optimizer.state[params[2]]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    torch.testing.assert_close(state["exp_avg"], ref_state[2]["m"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(state["exp_avg_sq"], ref_state[2]["v"], rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------ Muon
+
+
+def reference_orthogonalize(G):
+    """SPEC §4 step 2 on one matrix, written out plainly."""
+    X = G.T if G.shape[0] > G.shape[1] else G
+    X = X / (X.norm() * 1.02 + 1e-6)
+    for a, b, c in SPEC_COEFFS:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 160), (160, 96)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_polar_express_singular_values_near_one(shape, scale):
+    torch.manual_seed(1)
+    G = torch.randn(3, *shape) * scale
+    X = polar_express(G, 5)
+    sv = torch.linalg.svdvals(X)
+    # Measured band for these well-conditioned shapes: [0.858, 1.142] at every scale (the 5-step
+    # polynomial maps all of (0, 1] there); a little slack for the random draw.
+    assert sv.min() > 0.84 and sv.max() < 1.16, (sv.min().item(), sv.max().item())
+    # And it is the polar factor U V^T of G, not just any orthogonal matrix.
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    cosine = (X * (U @ Vh)).sum(dim=(-2, -1)) / (X.norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
+    assert cosine.min() > 0.99
+
+
+def test_polar_express_bf16_matches_fp32_band():
+    torch.manual_seed(2)
+    G = torch.randn(2, 48, 128)
+    sv = torch.linalg.svdvals(polar_express(G.bfloat16(), 5).float())
+    assert sv.min() > 0.82 and sv.max() < 1.18  # bf16 rounding widens the band by ~0.01-0.02
+
+
+def reference_muon_step(p, g, state, lr, momentum, wd, beta2):
+    """One Muon step on one matrix; returns the new p. state: buf (rows, cols), v (factored)."""
+    rows, cols = p.shape
+    state["buf"] = momentum * state["buf"] + (1 - momentum) * g
+    u = (1 - momentum) * g + momentum * state["buf"]
+    O = reference_orthogonalize(u)
+    mean_sq = (O**2).mean(dim=1, keepdim=True) if rows >= cols else (O**2).mean(dim=0, keepdim=True)
+    state["v"] = beta2 * state["v"] + (1 - beta2) * mean_sq
+    scaled = O / state["v"].sqrt()
+    scaled = scaled * O.norm() / scaled.norm()
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    decay_mask = (scaled * p >= 0).float()
+    return p - lr * scaled - lr * wd * p * decay_mask
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_muon_matches_per_matrix_reference(shape):
+    torch.manual_seed(3)
+    params = [leaf(torch.randn(*shape) * 0.1) for _ in range(3)]
+    group = dict(kind="muon", params=params, lr=0.02, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.5)
+    optimizer = MuonAdamW([group])
+    ref_p = [p.detach().clone() for p in params]
+    factored = (shape[0], 1) if shape[0] >= shape[1] else (1, shape[1])
+    ref_state = [dict(buf=torch.zeros(shape), v=torch.zeros(factored)) for _ in params]
+    for step in range(4):
+        momentum, lrm = get_muon_momentum(100 * step), 1.0 - 0.2 * step
+        apply_schedules(optimizer, lrm, muon_momentum=momentum)
+        for i, p in enumerate(params):
+            p.grad = torch.randn(shape) * 0.1
+            ref_p[i] = reference_muon_step(ref_p[i], p.grad.clone(), ref_state[i], 0.02 * lrm, momentum, 0.5, 0.95)
+        optimizer.step()
+        for p, ref in zip(params, ref_p):
+            torch.testing.assert_close(p.detach(), ref, rtol=1e-4, atol=2e-6)
+    assert any((r.abs() < 1e-2).any() for r in ref_p)  # decay touched small coordinates, so the mask mattered
+
+
+# ------------------------------------------------------------------ state dict round trip
+
+
+def make_mixed_model():
+    torch.manual_seed(4)
+    return [leaf(torch.randn(20, 12)), leaf(torch.randn(6).bfloat16()), leaf(torch.randn(8, 12)), leaf(torch.randn(8, 12))]
+
+
+def mixed_groups(params):
+    return [
+        dict(kind="adamw", params=params[:2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.01),
+        dict(kind="muon", params=params[2:], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=0.1),
+    ]
+
+
+def run_steps(params, optimizer, steps):
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        apply_schedules(optimizer, 1.0 / (1 + step))
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        optimizer.step()
+
+
+def test_state_dict_round_trip_continues_identically(tmp_path):
+    params = make_mixed_model()
+    optimizer = MuonAdamW(mixed_groups(params))
+    run_steps(params, optimizer, range(3))
+    torch.save(optimizer.state_dict(), tmp_path / "optim.pt")
+    snapshot = [p.detach().clone() for p in params]
+    run_steps(params, optimizer, range(3, 6))
+
+    resumed = [leaf(p.clone()) for p in snapshot]
+    resumed_optimizer = MuonAdamW(mixed_groups(resumed))
+    resumed_optimizer.load_state_dict(torch.load(tmp_path / "optim.pt"))
+    assert resumed_optimizer.state[resumed[1]]["exp_avg"].dtype == torch.float32  # not cast to the bf16 param
+    run_steps(resumed, resumed_optimizer, range(3, 6))
+    for p, q in zip(params, resumed):
+        assert torch.equal(p, q)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="one shape"):
+        MuonAdamW([dict(kind="muon", params=[leaf(torch.randn(4, 4)), leaf(torch.randn(4, 5))], lr=0.1,
+                        momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.0)])
+    p = leaf(torch.randn(3))
+    optimizer = MuonAdamW([dict(kind="adamw", params=[p], lr=0.1, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)])
+    with pytest.raises(RuntimeError, match="no gradient"):
+        optimizer.step()
+
+
+# ------------------------------------------------------------------ distributed
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_dist_muon_adamw_matches_single_process_under_torchrun(tmp_path):
+    """2 gloo ranks: same params as MuonAdamW on the global batch, sharded state, exact per-rank resume."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO_ROOT / "tests" / "dist_optim_check.py"), str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("resume from per-rank state is exact") == 2, output
+    assert sorted(os.listdir(tmp_path)) == ["optim_rank0.pt", "optim_rank1.pt"]
+
+
+def test_dist_state_from_other_world_size_is_refused(monkeypatch):
+    optimizer = DistMuonAdamW([dict(kind="adamw", params=[leaf(torch.randn(3))], lr=0.1, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)])
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="nproc_per_node=1"):
+        optimizer.load_state_dict({"state": {}, "param_groups": optimizer.param_groups, "world_size": 1})
+
+
+# ------------------------------------------------------------------ schedules
+
+
+def test_schedules_against_hand_values():
+    # 100 steps, 10 warmup, 40 warmdown: ramps 0.1..1.0, flat until step 60, then linear to final_lr_frac.
+    assert get_lr_multiplier(0, 100, 0.1, 0.4, 0.0) == pytest.approx(0.1)
+    assert get_lr_multiplier(9, 100, 0.1, 0.4, 0.0) == pytest.approx(1.0)
+    assert get_lr_multiplier(60, 100, 0.1, 0.4, 0.0) == pytest.approx(1.0)
+    assert get_lr_multiplier(80, 100, 0.1, 0.4, 0.0) == pytest.approx(0.5)
+    assert get_lr_multiplier(80, 100, 0.1, 0.4, 0.2) == pytest.approx(0.6)
+    assert get_lr_multiplier(100, 100, 0.0, 0.4, 0.2) == pytest.approx(0.2)
+    assert get_muon_momentum(0) == pytest.approx(0.85)
+    assert get_muon_momentum(150) == pytest.approx(0.90)
+    assert get_muon_momentum(300) == get_muon_momentum(5000) == pytest.approx(0.95)
+    assert get_weight_decay(0, 100, 0.2) == pytest.approx(0.2)
+    assert get_weight_decay(25, 100, 0.2) == pytest.approx(0.15)
+    assert get_weight_decay(100, 100, 0.2) == 0.0
+
+    params = make_mixed_model()
+    optimizer = MuonAdamW(mixed_groups(params))
+    apply_schedules(optimizer, 0.5, muon_momentum=0.9, muon_weight_decay=0.05)
+    adamw, muon = optimizer.param_groups
+    assert adamw["lr"] == pytest.approx(0.005) and adamw["weight_decay"] == 0.01  # AdamW decay untouched
+    assert muon["lr"] == pytest.approx(0.01) and muon["momentum"] == 0.9 and muon["weight_decay"] == 0.05
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled steps run only on GPU by default")
+def test_compiled_cuda_step_matches_eager_and_does_not_recompile_on_lr_change():
+    import torch._dynamo
+
+    params = [leaf(p.detach().cuda()) for p in make_mixed_model()]
+    eager_params = [leaf(p.detach().clone()) for p in params]
+    compiled = MuonAdamW(mixed_groups(params), orth_dtype=torch.float32)
+    eager = MuonAdamW(mixed_groups(eager_params), orth_dtype=torch.float32, compile=False)
+    torch._dynamo.utils.counters.clear()
+    for step in range(4):
+        for opt, ps in ((compiled, params), (eager, eager_params)):
+            apply_schedules(opt, 1.0 / (1 + step), muon_momentum=0.85 + 0.02 * step)
+            gen = torch.Generator(device="cuda").manual_seed(step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen, device="cuda").to(p.dtype)
+            opt.step()
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # One graph per (function, shape/dtype): the lr/momentum changes above added none.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
