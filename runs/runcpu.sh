@@ -31,7 +31,7 @@ if [ "$SMOKE" = 1 ]; then
     BASE_LOSS="--device-batch-size=4 --split-tokens=16384"
     CORE="--max-per-task=8"
     MID="--max-seq-len=256 --device-batch-size=4 --total-batch-size=2048 --num-iterations=10 --eval-every=5 --eval-tokens=8192"
-    SFT="--device-batch-size=4 --num-iterations=10 --eval-every=5"
+    SFT="--max-seq-len=256 --device-batch-size=4 --total-batch-size=4096 --num-iterations=10 --eval-every=5"
     EVAL="--max-problems=4 --max-new-tokens=32"
 else
     # The d4 configuration of SPEC §11 (vocab 8192, seq 512, 4096 tokens/step, 300 steps)
@@ -40,7 +40,7 @@ else
     BASE_LOSS="--device-batch-size=8 --split-tokens=131072"
     CORE="--max-per-task=50"
     MID="--max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations=150 --eval-every=50 --eval-tokens=65536"
-    SFT="--device-batch-size=8 --num-iterations=100 --eval-every=50"
+    SFT="--max-seq-len=512 --device-batch-size=8 --total-batch-size=16384 --num-iterations=100 --eval-every=50"
     EVAL="--max-problems=50 --max-new-tokens=128"
 fi
 COMMON="--device-type=cpu"
