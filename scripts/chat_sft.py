@@ -27,7 +27,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, print_banner
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
 from nanochat.report import get_report
-from tasks.common import TaskMixture, TaskSequence
+from tasks.common import TaskMixture, first_examples
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
@@ -95,8 +95,7 @@ optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_
 # -----------------------------------------------------------------------------
 # Data
 def capped(task):
-    """The first --max-examples-per-task examples of a task (a one-task sequence is a prefix view)."""
-    return task if args.max_examples_per_task < 0 else TaskSequence([task], stop=args.max_examples_per_task)
+    return first_examples(task, args.max_examples_per_task)
 
 
 identity_path = default_identity_path()

@@ -31,7 +31,7 @@ from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from tasks.common import TaskMixture, TaskSequence
+from tasks.common import TaskMixture, first_examples
 from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU, mid_train_mmlu
 from tasks.gsm8k import GSM8K
@@ -97,8 +97,7 @@ optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_
 # -----------------------------------------------------------------------------
 # Data
 def capped(task):
-    """The first --max-examples-per-task examples of a task (a one-task sequence is a prefix view)."""
-    return task if args.max_examples_per_task < 0 else TaskSequence([task], stop=args.max_examples_per_task)
+    return first_examples(task, args.max_examples_per_task)
 
 
 def identity_tasks():

@@ -100,6 +100,11 @@ class TaskSequence(Task):
         return self.tasks[t][index - self.offsets[t]]
 
 
+def first_examples(task, n):
+    """The first n examples of a task (all of them when n < 0): caps each task of a mixture in tiny runs."""
+    return task if n < 0 else TaskSequence([task], stop=n)
+
+
 def render_mc(question, letters, choices):
     """
     The multiple-choice prompt. Each choice is written "- choice=X" so that the letter follows "="
