@@ -1,10 +1,11 @@
 """
-Inference speed: Engine (KV cache) prefill and decode throughput at batch 1 and 8, against the naive
-GPT.generate that re-runs the whole sequence for every token (SPEC §11 target: >= 3x at 256 new
+Inference speed: Engine (KV cache) prefill and decode throughput at a few batch sizes, against the
+naive GPT.generate that re-runs the whole sequence for every token (SPEC §11 target: >= 3x at 256 new
 tokens on CPU).
 
     python -m dev.bench_engine --depth 4                    # a random d4 model (the runcpu.sh size)
     python -m dev.bench_engine -i sft                       # a trained checkpoint
+    python -m dev.bench_engine --depth 20 --max-seq-len 2048 --batch-sizes 1,32 --compile   # GPU: d20 decode
 """
 
 import argparse
@@ -64,8 +65,11 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
+    parser.add_argument("--batch-sizes", type=str, default="1,8", help="comma-separated decode batch sizes")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (Engine(compile=True))")
     parser.add_argument("--device-type", type=str, default="")
     args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
@@ -77,10 +81,11 @@ def main():
     config = model.config
     if args.prompt_len + args.new_tokens > config.sequence_len:
         parser.error(f"--prompt-len + --new-tokens must fit the model's context ({config.sequence_len})")
-    engine = Engine(model, NoTokenizer(config.vocab_size))
+    engine = Engine(model, NoTokenizer(config.vocab_size), compile=args.compile)
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model: {config.n_layer} layers, width {config.n_embd}, vocab {config.vocab_size}; device {device_type}, "
-          f"{torch.get_num_threads()} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+          f"{torch.get_num_threads()} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens; "
+          f"decode step {'compiled' if args.compile else 'eager'}")
 
     def best(fn):
         return min(timed(fn, device_type)[0] for _ in range(args.repeats))
@@ -88,18 +93,22 @@ def main():
     def run_engine(batch_size, max_tokens):
         return sum(1 for _ in engine.generate(prompt, num_samples=batch_size, max_tokens=max_tokens, temperature=1.0))
 
-    run_engine(1, 8)  # warm-up: first calls pay for allocator and kernel setup
+    for batch_size in batch_sizes:  # warm-up: allocator and kernel setup, and compiling the decode step
+        compile_s, _ = timed(lambda: run_engine(batch_size, 8), device_type)
+        if args.compile:
+            print(f"compile   batch {batch_size}: {compile_s:.1f} s (first generation)")
     prefill_s = best(lambda: run_engine(1, 1))  # one step = the prefill forward (+ one sample)
     print(f"prefill   batch 1: {args.prompt_len / prefill_s:10.0f} tokens/s ({prefill_s * 1000:.1f} ms)")
     engine_s = {}
-    for batch_size in (1, 8):
+    for batch_size in batch_sizes:
         engine_s[batch_size] = best(lambda: run_engine(batch_size, args.new_tokens))
         decode_s = engine_s[batch_size] - prefill_s
-        print(f"decode    batch {batch_size}: {batch_size * (args.new_tokens - 1) / decode_s:10.0f} tokens/s "
-              f"(whole generation {engine_s[batch_size]:.2f} s)")
-    naive_s = best(lambda: list(model.generate(prompt, max_tokens=args.new_tokens, temperature=1.0)))
-    print(f"naive     batch 1: {args.new_tokens / naive_s:10.0f} tokens/s (whole generation {naive_s:.2f} s)")
-    print(f"Engine vs naive generate at {args.new_tokens} new tokens, batch 1: {naive_s / engine_s[1]:.1f}x faster")
+        print(f"decode    batch {batch_size}: {batch_size * (args.new_tokens - 1) / decode_s:10.0f} tokens/s, "
+              f"{decode_s / (args.new_tokens - 1) * 1000:.2f} ms/step (whole generation {engine_s[batch_size]:.2f} s)")
+    if 1 in engine_s:
+        naive_s = best(lambda: list(model.generate(prompt, max_tokens=args.new_tokens, temperature=1.0)))
+        print(f"naive     batch 1: {args.new_tokens / naive_s:10.0f} tokens/s (whole generation {naive_s:.2f} s)")
+        print(f"Engine vs naive generate at {args.new_tokens} new tokens, batch 1: {naive_s / engine_s[1]:.1f}x faster")
 
 
 if __name__ == "__main__":

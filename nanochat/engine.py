@@ -3,9 +3,10 @@ Fast inference: a KV cache, batched sampling and the calculator tool.
 
 The naive GPT.generate re-runs the whole sequence for every new token (quadratic work). The Engine
 runs the prompt through the model once (prefill, batch 1), copies that cache into num_samples rows,
-then feeds one token per row per step (decode). Each row also runs a small tool-use state machine:
-when the model closes a <|python_start|> ... <|python_end|> block, the engine evaluates the
-expression with a safe calculator and forces <|output_start|> result <|output_end|> into that row.
+then feeds one token per row per step (decode, optionally one compiled graph for every step). Each row
+also runs a small tool-use state machine: when the model closes a <|python_start|> ... <|python_end|>
+block, the engine evaluates the expression with a safe calculator and forces
+<|output_start|> result <|output_end|> into that row.
 
 The Engine needs only a narrow contract (SPEC §9), so tests can drive it with mock models:
 model.config (n_layer, n_head, n_kv_head, n_embd, sequence_len), model.get_device(), and
@@ -177,10 +178,32 @@ class RowState:
         self.completed = False
 
 
+class StepCache:
+    """
+    A KVCache as a compiled decode step sees it: per-layer views and the lengths tensor, no Python position.
+    The views come in as inputs because writing through a view taken inside the compiled graph makes
+    inductor copy whole cache layers at every step (10x slower, measured in dev/LOG.md).
+    """
+
+    def __init__(self, k_layers, v_layers, cache_seqlens):
+        self.k_layers, self.v_layers, self.cache_seqlens = k_layers, v_layers, cache_seqlens
+
+    def get_layer_cache(self, layer_idx):
+        return self.k_layers[layer_idx], self.v_layers[layer_idx]
+
+    def advance(self, num_tokens):
+        pass  # the Engine advances the real cache after the step
+
+
 class Engine:
 
-    def __init__(self, model, tokenizer, dtype=None):
-        """dtype: KV cache / compute dtype; default the device's compute dtype (bf16 on CUDA, else fp32)."""
+    def __init__(self, model, tokenizer, dtype=None, compile=False):
+        """
+        dtype: KV cache / compute dtype; default the device's compute dtype (bf16 on CUDA, else fp32).
+        compile: run single-token decode steps through torch.compile (CUDA graphs on GPU). Every step then
+        has the same shapes: the cache always spans the model's context and is kept per batch size, reused
+        by the next generation, so a compiled Engine runs one generation at a time. Prefill stays eager.
+        """
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(model.get_device())
@@ -189,14 +212,47 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.compiled_step = None
+        self.decode_caches = {}  # batch size -> (KVCache, its per-layer k views, v views), when compiled
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.compiled_step = torch.compile(self.decode_step, dynamic=False, fullgraph=True, mode=mode)
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
 
     def forward_last(self, ids, kv_cache):
         """Logits of the last position, (B, V) fp32."""
-        autocast = (torch.amp.autocast(device_type=self.device.type, dtype=self.dtype)
-                    if self.device.type == "cuda" and self.dtype != torch.float32 else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), self.autocast():
             logits = self.model.forward(ids, kv_cache=kv_cache)
         return logits[:, -1, :].float()
+
+    def decode(self, ids, kv_cache):
+        """forward_last for one new token per row, through the compiled step when there is one."""
+        if self.compiled_step is None:
+            return self.forward_last(ids, kv_cache)
+        _, k_layers, v_layers = self.decode_caches[kv_cache.batch_size]
+        with torch.no_grad(), self.autocast():
+            logits = self.compiled_step(ids, k_layers, v_layers, kv_cache.cache_seqlens)
+        kv_cache.advance(1)
+        return logits.clone()  # CUDA graphs reuse their output buffer at the next step
+
+    def decode_step(self, ids, k_layers, v_layers, cache_seqlens):
+        """The function torch.compile sees: its inputs are tensors of the same shapes at every step."""
+        return self.model.forward(ids, kv_cache=StepCache(k_layers, v_layers, cache_seqlens))[:, -1, :].float()
+
+    def decode_cache(self, batch_size):
+        """The reused full-context cache of a compiled Engine (fixed addresses, so CUDA graphs can replay)."""
+        if batch_size not in self.decode_caches:
+            cache = self.new_cache(batch_size, self.model.config.sequence_len)
+            k_layers, v_layers = cache.k_cache.unbind(0), cache.v_cache.unbind(0)
+            if self.device.type == "cuda":
+                for view in (*k_layers, *v_layers):
+                    torch._dynamo.mark_static_address(view)
+            self.decode_caches[batch_size] = (cache, k_layers, v_layers)
+        return self.decode_caches[batch_size][0]
 
     def new_cache(self, batch_size, seq_len):
         config = self.model.config
@@ -229,7 +285,10 @@ class Engine:
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         logits = self.forward_last(ids, prompt_cache).expand(num_samples, -1)
         assert prompt_cache.get_pos() == len(tokens), "the model must advance the KV cache (SPEC §9)"
-        kv_cache = self.new_cache(batch_size=num_samples, seq_len=len(tokens) + max_tokens)
+        if self.compiled_step is not None:
+            kv_cache = self.decode_cache(num_samples)  # prefill() below resets its rows to the prompt
+        else:
+            kv_cache = self.new_cache(batch_size=num_samples, seq_len=len(tokens) + max_tokens)
         kv_cache.prefill(prompt_cache)
         del prompt_cache
 
@@ -247,7 +306,7 @@ class Engine:
             if all(row.completed for row in rows) or step == max_tokens - 1:
                 break
             ids = torch.tensor(token_column, dtype=torch.long, device=self.device).unsqueeze(1)
-            logits = self.forward_last(ids, kv_cache)
+            logits = self.decode(ids, kv_cache)
 
     def update_row(self, row, token):
         """Record a token and run the tool-use state machine of its row."""

@@ -160,7 +160,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     new tokens. cache_seqlens itself is NOT advanced here (the KV cache object does that).
     """
     backend = _pick_backend(q)
-    if backend == "fa3":
+    if backend == "fa3" and not torch.compiler.is_compiling():  # (the hub kernel is not known to trace)
         return _first(_fa3().flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                      causal=causal, window_size=window_size))
     # FlexAttention would rebuild its block mask at every decode step; SDPA serves the cache path instead.
@@ -176,16 +176,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         k_cache[rows, cols] = k.to(k_cache.dtype)
         v_cache[rows, cols] = v.to(v_cache.dtype)
     seqlens = cache_seqlens + num_new  # keys each row holds now
-    lengths = seqlens.tolist()  # one host sync: slicing the cache needs Python ints
-    Tk = max(lengths)
-    keys, values = k_cache[:, :Tk].to(q.dtype), v_cache[:, :Tk].to(q.dtype)  # (no-ops unless the cache dtype differs)
-    same_length = min(lengths) == Tk
-    if same_length and Tq == 1:  # single-token decode: the window is a slice, no mask needed
-        start = 0 if window_size[0] < 0 else max(0, Tk - 1 - window_size[0])
-        return _sdpa(q, keys[:, start:], values[:, start:])
-    if same_length and Tq == Tk and causal and (window_size[0] < 0 or window_size[0] >= Tk - 1):
-        return _sdpa(q, keys, values, is_causal=True)  # prefill into an empty cache
-    # General case (chunked prefill, rows of different lengths): explicit mask on absolute positions.
+    if torch.compiler.is_compiling():
+        # A compiled step must have the same shapes at every position: attend over the whole cache, masked.
+        Tk = k_cache.size(1)
+        keys, values = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    else:
+        lengths = seqlens.tolist()  # one host sync: slicing the cache needs Python ints
+        Tk = max(lengths)
+        keys, values = k_cache[:, :Tk].to(q.dtype), v_cache[:, :Tk].to(q.dtype)  # (no-ops unless dtypes differ)
+        same_length = min(lengths) == Tk
+        if same_length and Tq == 1:  # single-token decode: the window is a slice, no mask needed
+            start = 0 if window_size[0] < 0 else max(0, Tk - 1 - window_size[0])
+            return _sdpa(q, keys[:, start:], values[:, start:])
+        if same_length and Tq == Tk and causal and (window_size[0] < 0 or window_size[0] >= Tk - 1):
+            return _sdpa(q, keys, values, is_causal=True)  # prefill into an empty cache
+    # General case (chunked prefill, rows of different lengths, compiled): explicit mask on absolute positions.
     q_pos = seqlens.unsqueeze(1) - Tq + torch.arange(Tq, device=device)  # (B, Tq)
     k_pos = torch.arange(Tk, device=device)
     mask = _allowed(q_pos.unsqueeze(2) - k_pos, causal, window_size) & (k_pos < seqlens.view(B, 1, 1))

@@ -208,11 +208,17 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) token ids -> logits (B, T, vocab_size) fp32, or the loss when targets are given."""
         B, T = idx.size()
-        pos0 = 0 if kv_cache is None else kv_cache.get_pos()
+        # (A compiled decode step skips the check: reading the cache's Python position would recompile every step.)
+        pos0 = 0 if kv_cache is None or torch.compiler.is_compiling() else kv_cache.get_pos()
         if pos0 + T > self.rotary_length:
             raise ValueError(f"Position {pos0 + T} is beyond the rotary tables ({self.rotary_length} = "
                              f"{ROTARY_LENGTH_FACTOR} x sequence_len); use a shorter context")
-        cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
+        if kv_cache is None:
+            cos_sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            # Positions come from the cache's tensor (all rows hold as many tokens): same shapes at every step.
+            positions = kv_cache.cache_seqlens[0] + torch.arange(T, device=idx.device)
+            cos_sin = self.cos[:, positions], self.sin[:, positions]
         # .float(): on CUDA wte is stored in bf16; the residual stream is kept in fp32 (a no-op on CPU)
         x = x0 = norm(self.transformer.wte(idx).float())
         for i, block in enumerate(self.transformer.h):

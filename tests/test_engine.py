@@ -151,6 +151,24 @@ def test_engine_greedy_matches_naive_generate(gpt, tiny_tokenizer):
         assert mask == [0] * len(prompt) + [1] * len(expected)
 
 
+def test_compiled_decode_step_matches_naive_generate_without_recompiling(gpt, tiny_tokenizer):
+    """The compiled decode step (real torch.compile, inductor on CPU) is one graph for every position and
+    every prompt: two generations of different lengths, crossing the sliding window, compile it once."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(gpt, tiny_tokenizer, compile=True)
+    for text, max_tokens in (("The history of the city begins", 40), ("Water", 25)):
+        prompt = tiny_tokenizer.encode(text, prepend="<|bos|>")[:12]
+        expected = list(gpt.generate(prompt, max_tokens=max_tokens, temperature=0.0))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            columns = list(engine.generate(prompt, num_samples=2, max_tokens=max_tokens, temperature=0.0))
+        assert [column for column, _ in columns] == [[t, t] for t in expected[:len(columns)]]
+        assert len(columns) == max_tokens or columns[-1][0][0] in engine.stop_tokens
+    assert counters["stats"]["unique_graphs"] == 1
+    assert engine.decode_cache(2).seq_len == gpt.config.sequence_len  # one cache, reused
+
+
 def test_engine_seeds(gpt, tiny_tokenizer):
     prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
     engine = Engine(gpt, tiny_tokenizer)
