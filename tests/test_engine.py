@@ -38,7 +38,7 @@ class MockModel:
         return logits
 
 
-def make_gpt(vocab_size, sequence_len=64):
+def make_gpt(vocab_size, sequence_len=64, device="cpu"):
     """A tiny random GPT whose blocks matter: init_weights zeroes the output projections, so redraw all
     matrices (otherwise attention, and with it the KV cache, would not influence the logits)."""
     from nanochat.gpt import GPT, GPTConfig
@@ -46,7 +46,7 @@ def make_gpt(vocab_size, sequence_len=64):
                        n_embd=64, window_pattern="SL")
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model.init_weights()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -151,13 +151,18 @@ def test_engine_greedy_matches_naive_generate(gpt, tiny_tokenizer):
         assert mask == [0] * len(prompt) + [1] * len(expected)
 
 
-def test_compiled_decode_step_matches_naive_generate_without_recompiling(gpt, tiny_tokenizer):
-    """The compiled decode step (real torch.compile, inductor on CPU) is one graph for every position and
-    every prompt: two generations of different lengths, crossing the sliding window, compile it once."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_decode_step_matches_naive_generate_without_recompiling(tiny_tokenizer, device):
+    """The compiled decode step (real torch.compile: inductor on CPU, CUDA graphs on GPU) is one graph for
+    every position and every prompt: two generations of different lengths, crossing the sliding window,
+    compile it once."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the CUDA-graph (reduce-overhead) decode step")
     from torch._dynamo.utils import counters
+    gpt = make_gpt(tiny_tokenizer.get_vocab_size(), device=device)
     torch._dynamo.reset()
     counters.clear()
-    engine = Engine(gpt, tiny_tokenizer, compile=True)
+    engine = Engine(gpt, tiny_tokenizer, dtype=torch.float32, compile=True)  # fp32: exact argmax agreement
     for text, max_tokens in (("The history of the city begins", 40), ("Water", 25)):
         prompt = tiny_tokenizer.encode(text, prepend="<|bos|>")[:12]
         expected = list(gpt.generate(prompt, max_tokens=max_tokens, temperature=0.0))
