@@ -169,12 +169,13 @@ def cost_estimate(env, wall_clock_s):
 
 
 def plot_curves(section, curve, out_path):
-    """Train loss and val bpb against step and against wall-clock time: a 2x2 PNG."""
+    """Every metric of the curve (train_loss, val_bpb, reward, ...) against step and against wall-clock time."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for row, metric in enumerate(["train_loss", "val_bpb"]):
+    metrics = list(dict.fromkeys(key for p in curve for key in p if key not in ("step", "time")))
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.5 * len(metrics)), squeeze=False)
+    for row, metric in enumerate(metrics):
         points = [p for p in curve if p.get(metric) is not None]
         for col, x_key in enumerate(["step", "time"]):
             ax = axes[row][col]

@@ -163,7 +163,7 @@ while True:
         pass1, passk = evaluate_pass_at_k()
         eval_results = {"pass@1": pass1, f"pass@{args.eval_samples}": passk}
         print0(f"Step {step:05d} | GSM8K test pass@1 {100 * pass1:.2f}% | pass@{args.eval_samples} {100 * passk:.2f}%")
-        curve.append({"step": step, **eval_results, "elapsed": total_training_time})
+        curve.append({"step": step, **eval_results, "time": total_training_time})
         wandb_run.log({"step": step, **{f"val/{k}": v for k, v in eval_results.items()}})
 
     if not args.dry_run and (last_step or (step > 0 and args.save_every > 0 and step % args.save_every == 0)):
@@ -211,7 +211,7 @@ while True:
     eta = total_training_time / step * (num_iterations - step)
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | reward {mean_reward:.4f} | "
            f"answer length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | eta {format_duration(eta)}")
-    curve.append({"step": step, "reward": mean_reward, "answer_length": mean_length, "elapsed": total_training_time})
+    curve.append({"step": step, "reward": mean_reward, "answer_length": mean_length, "time": total_training_time})
     wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_length": mean_length, "train/lrm": lrm,
                    "train/dt": dt})
 
@@ -224,6 +224,6 @@ if not args.dry_run:
         "DDP world size": world_size,
         **{f"GSM8K test {k}": v for k, v in eval_results.items()},
         "Total training time": format_duration(total_training_time),
-    }, {"training_curve": curve}])
+    }], curve=curve)
 wandb_run.finish()
 compute_cleanup()

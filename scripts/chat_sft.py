@@ -175,7 +175,7 @@ while True:
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         val_loss, val_accuracy = evaluate_val()
         print0(f"Step {step:05d} | val loss {val_loss:.4f} | val token accuracy {100 * val_accuracy:.2f}%")
-        curve.append({"step": step, "val_loss": val_loss, "val_token_accuracy": val_accuracy, "elapsed": total_training_time})
+        curve.append({"step": step, "val_loss": val_loss, "val_token_accuracy": val_accuracy, "time": total_training_time})
         wandb_run.log({"step": step, "val/loss": val_loss, "val/token_accuracy": val_accuracy})
 
     if last_step:
@@ -209,7 +209,7 @@ while True:
     eta = seconds_per_step * (num_iterations - step)
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {debiased_loss:.6f} | "
            f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/sec {int(num_tokens / dt):,} | eta {format_duration(eta)}")
-    curve.append({"step": step, "train_loss": debiased_loss, "elapsed": total_training_time})
+    curve.append({"step": step, "train_loss": debiased_loss, "time": total_training_time})
     wandb_run.log({"step": step, "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
                    "train/tok_per_sec": num_tokens / dt})
 
@@ -228,6 +228,6 @@ if not args.dry_run:
         "Final validation loss": val_loss,
         "Final validation token accuracy": val_accuracy,
         "Total training time": format_duration(total_training_time),
-    }, {"training_curve": curve}])
+    }], curve=curve)
 wandb_run.finish()
 compute_cleanup()

@@ -183,7 +183,7 @@ while True:
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         val_bpb = evaluate_val_bpb()
         print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
-        curve.append({"step": step, "val_bpb": val_bpb, "elapsed": total_training_time})
+        curve.append({"step": step, "val_bpb": val_bpb, "time": total_training_time})
         wandb_run.log({"step": step, "val/bpb": val_bpb})
 
     if last_step:
@@ -219,7 +219,7 @@ while True:
     total_steps = f"{args.num_iterations:05d}" if args.num_iterations > 0 else f"~{round(step / max(progress, 1e-9)):05d}"
     print0(f"step {step:05d}/{total_steps} ({100 * progress:5.1f}%) | loss {debiased_loss:.6f} | lrm {lrm:.2f} | "
            f"dt {dt * 1000:.0f}ms | tok/sec {tok_per_sec:,} | eta {format_duration(eta)}")
-    curve.append({"step": step, "train_loss": debiased_loss, "elapsed": total_training_time})
+    curve.append({"step": step, "train_loss": debiased_loss, "time": total_training_time})
     wandb_run.log({"step": step, "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
                    "train/tok_per_sec": tok_per_sec, "train/progress": progress})
 
@@ -240,6 +240,6 @@ if not args.dry_run:
         "Final validation bpb": val_bpb,
         "Total training time": format_duration(total_training_time),
         "Peak memory (MiB)": round(get_max_memory_mb(device_type)),
-    }, {"training_curve": curve}])
+    }], curve=curve)
 wandb_run.finish()
 compute_cleanup()
