@@ -32,9 +32,6 @@ class ARC(Task):
     def eval_type(self):
         return "categorical"
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         letters = list(row["choices"]["label"])  # mostly A-D; ~4% of questions use 1-4, as released

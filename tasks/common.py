@@ -22,7 +22,7 @@ class Task:
     """
     A view over a task's examples, sliced like range(start, stop, step) so that scripts can take a
     prefix (tasks[:100] style evaluation) or a rank's share (start=rank, step=world_size).
-    Subclasses implement eval_type, num_examples(), get_example(index) and evaluate(...).
+    Subclasses implement eval_type, get_example(index), evaluate(...) and num_examples() unless they hold self.rows.
     """
 
     def __init__(self, start=0, stop=None, step=1):
@@ -36,8 +36,8 @@ class Task:
         raise NotImplementedError
 
     def num_examples(self):
-        """Number of underlying examples, before slicing."""
-        raise NotImplementedError
+        """Number of underlying examples, before slicing (tasks that load a list of self.rows need not say)."""
+        return len(self.rows)
 
     def get_example(self, index):
         """The conversation for an underlying (unsliced) index."""

@@ -53,9 +53,6 @@ class GSM8K(Task):
     def eval_type(self):
         return "generative"
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         messages = [

@@ -41,9 +41,6 @@ class HumanEval(Task):
     def eval_type(self):
         return "generative"
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[index]
         messages = [

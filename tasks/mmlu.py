@@ -60,9 +60,6 @@ class MMLU(Task):
     def eval_type(self):
         return "categorical"
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         row = self.rows[self.order[index]]
         row = row.get("train", row)  # the hub's auxiliary_train nests each row under a "train" key

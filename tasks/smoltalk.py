@@ -51,9 +51,6 @@ class SmolTalk(Task):
     def eval_type(self):
         return "generative"
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         messages = self.rows[index]["messages"]
         check_messages(messages)  # the hub rows are trusted to be well-formed; this keeps that honest

@@ -60,12 +60,13 @@ def final_number(text):
     return int(numbers[-1]) if numbers else None
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """size synthetic examples about words of the word list, drawn deterministically per (split, index)."""
 
     def __init__(self, size=1000, split="train", data_dir=None, **kwargs):
         super().__init__(**kwargs)
         if split not in ("train", "test"):
-            raise ValueError(f"SpellingBee split must be 'train' or 'test', got {split!r}")
+            raise ValueError(f"{type(self).__name__} split must be 'train' or 'test', got {split!r}")
         self.size, self.split = size, split
         self.words = read_words(word_list_path(data_dir))
 
@@ -75,6 +76,9 @@ class SpellingBee(Task):
 
     def num_examples(self):
         return self.size
+
+
+class SpellingBee(WordTask):
 
     def get_example(self, index):
         rng = random.Random(f"spellingbee-{self.split}-{index}")
@@ -106,21 +110,7 @@ class SpellingBee(Task):
         return final_number(assistant_response) == reference
 
 
-class SimpleSpelling(Task):
-
-    def __init__(self, size=1000, split="train", data_dir=None, **kwargs):
-        super().__init__(**kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"SimpleSpelling split must be 'train' or 'test', got {split!r}")
-        self.size, self.split = size, split
-        self.words = read_words(word_list_path(data_dir))
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
+class SimpleSpelling(WordTask):
 
     def get_example(self, index):
         word = random.Random(f"simplespelling-{self.split}-{index}").choice(self.words)
