@@ -20,7 +20,7 @@ import torch
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import local_data_path
 from nanochat.core_eval import centered_accuracy, evaluate_task, get_eval_bundle_dir, load_core_tasks, load_task_data
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.tokenizer import RustBPETokenizer
 
 parser = argparse.ArgumentParser(description="CORE: batched vs one-forward-per-example timing")
@@ -40,10 +40,7 @@ if args.threads > 0:
 def random_d4_model(tokenizer):
     config = GPTConfig(sequence_len=512, vocab_size=tokenizer.get_vocab_size(), n_layer=4, n_head=4, n_kv_head=4,
                        n_embd=256, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config, "cpu")
     with torch.no_grad():  # init leaves the output projections at zero: perturb them so context matters
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(std=0.02)

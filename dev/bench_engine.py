@@ -32,17 +32,9 @@ class NoTokenizer:
 
 
 def random_model(depth, head_dim, vocab_size, sequence_len, device):
-    """The base_train sizing rule: width = depth * 64 rounded up to a multiple of head_dim."""
-    from nanochat.gpt import GPT, GPTConfig
-    model_dim = -(-depth * 64 // head_dim) * head_dim
-    n_head = model_dim // head_dim
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                       n_kv_head=n_head, n_embd=model_dim)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model.eval()
+    """A model sized as base_train sizes it."""
+    from nanochat.gpt import build_gpt, config_for_depth
+    return build_gpt(config_for_depth(depth, vocab_size, sequence_len, head_dim=head_dim), device).eval()
 
 
 def timed(fn, device_type):

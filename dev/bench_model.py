@@ -13,7 +13,7 @@ import torch
 
 from nanochat.common import (autocast_ctx, autodetect_device_type, get_device_name, get_max_memory_mb, get_peak_flops,
                              synchronize)
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import build_gpt, config_for_depth
 
 parser = argparse.ArgumentParser(description="Benchmark GPT forward+backward and the optimizer step")
 parser.add_argument("--depth", type=int, default=4)
@@ -31,19 +31,13 @@ args = parser.parse_args()
 
 device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)
-model_dim = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
-num_heads = model_dim // args.head_dim
-config = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab_size, n_layer=args.depth, n_head=num_heads,
-                   n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern)
+config = config_for_depth(args.depth, args.vocab_size, args.seq, args.aspect_ratio, args.head_dim, args.window_pattern)
 torch.manual_seed(0)
-with torch.device("meta"):
-    model = GPT(config)
-model.to_empty(device=device)
-model.init_weights()
+model = build_gpt(config, device)
 optimizer = model.setup_optimizer()
 train_model = torch.compile(model, dynamic=False) if args.compile else model
 flops_per_token = model.estimate_flops()
-print(f"d{args.depth}: width {model_dim}, {num_heads} heads, {model.num_scaling_params()['total']:,} params, "
+print(f"d{args.depth}: width {config.n_embd}, {config.n_head} heads, {model.num_scaling_params()['total']:,} params, "
       f"{flops_per_token / 1e6:.1f} MFLOP/token, window pattern {args.window_pattern}, device {get_device_name(device_type)}")
 
 inputs = torch.randint(0, args.vocab_size, (args.batch, args.seq), device=device)

@@ -14,6 +14,7 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type, synchronize
+from nanochat.gpt import config_for_depth
 from nanochat.optim import MuonAdamW
 
 parser = argparse.ArgumentParser(description="Benchmark one optimizer step")
@@ -29,8 +30,8 @@ args = parser.parse_args()
 
 device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)
-n_embd = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim  # round up to a head_dim multiple
-n_head = n_embd // args.head_dim
+config = config_for_depth(args.depth, args.vocab_size, 1, args.aspect_ratio, args.head_dim)  # (sequence_len unused)
+n_embd, n_head = config.n_embd, config.n_head
 vocab = -(-args.vocab_size // 64) * 64
 embed_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32  # as GPT stores wte/value embeds
 

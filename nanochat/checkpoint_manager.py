@@ -160,7 +160,7 @@ def patch_state_dict(model_data, expected):
 
 def build_model(checkpoint_dir, step, device, phase):
     """-> (model, tokenizer, meta_data) with the model in train or eval mode on `device`."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
     from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
@@ -172,11 +172,8 @@ def build_model(checkpoint_dir, step, device, phase):
         # CUDA runs keep embeddings in bf16; elsewhere the model computes in fp32 (bf16 is slow on CPU).
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
     config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
-    with torch.device("meta"):
-        model = GPT(config)
+    model = build_gpt(config, device)  # init_weights fills the non-persistent buffers (rotary tables)
     model_data = patch_state_dict(model_data, model.state_dict())
-    model.to_empty(device=device)
-    model.init_weights()  # non-persistent buffers (rotary tables) are not in the checkpoint
     model.load_state_dict({k: v.to(device) for k, v in model_data.items()}, strict=True, assign=True)
     if phase == "train":
         model.train()

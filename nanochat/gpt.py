@@ -40,6 +40,23 @@ class GPTConfig:
     window_pattern: str = "SSSL"  # tiled over layers: L = full context, S = half context
 
 
+def config_for_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, window_pattern="SSSL"):
+    """The one dial: width = depth * aspect_ratio, rounded up to whole heads of head_dim."""
+    model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    num_heads = model_dim // head_dim
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=window_pattern.upper())
+
+
+def build_gpt(config, device):
+    """A freshly initialised GPT on device: built on meta first, so parameters get memory only once."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 def norm(x):
     """Parameter-free RMSNorm over the last dim (torch's default eps)."""
     return F.rms_norm(x, (x.size(-1),))

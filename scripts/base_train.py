@@ -8,7 +8,6 @@ The story: args -> compute init -> tokenizer -> model -> horizon -> optimizer ->
 """
 
 import os
-import math
 import time
 import argparse
 from dataclasses import asdict
@@ -18,7 +17,7 @@ import torch
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
                              get_base_dir, get_peak_flops, get_device_name, get_max_memory_mb, init_wandb,
                              format_duration)
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import build_gpt, config_for_depth
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules
@@ -98,14 +97,8 @@ tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 
-model_dim = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
-num_heads = model_dim // args.head_dim
-config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=num_heads,
-                   n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern.upper())
-with torch.device("meta"):
-    model = GPT(config)  # parameters get memory only once, on the target device
-model.to_empty(device=device)
-model.init_weights()
+config = config_for_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.window_pattern)
+model = build_gpt(config, device)
 
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
@@ -119,7 +112,7 @@ if resuming:
 
 param_counts = model.num_scaling_params()
 num_flops_per_token = model.estimate_flops()
-print0(f"Model: depth {args.depth}, width {model_dim}, {num_heads} heads, vocab {vocab_size}, "
+print0(f"Model: depth {args.depth}, width {config.n_embd}, {config.n_head} heads, vocab {vocab_size}, "
        f"windows {config.window_pattern}")
 for key, value in param_counts.items():
     print0(f"  params {key:24s}: {value:,}")

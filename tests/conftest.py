@@ -1,5 +1,4 @@
 """Shared fixtures: the real data beside the repo, a small trained tokenizer, an isolated base dir."""
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq

@@ -25,16 +25,13 @@ MODEL_TAG = "d2"
 
 def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs):
     """Save the tokenizer and one tiny random GPT (step 0) under base_dir/<stage_dir>/d2 for each stage dir."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
     from nanochat.checkpoint_manager import save_checkpoint
     tokenizer.save(str(base_dir / "tokenizer"))
     config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
                        n_embd=64, window_pattern="L")
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config, "cpu")
     for stage_dir in stage_dirs:
         save_checkpoint(str(base_dir / stage_dir / MODEL_TAG), 0, model.state_dict(), None,
                         {"step": 0, "model_config": asdict(config)})

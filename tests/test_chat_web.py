@@ -68,13 +68,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def gpt(tiny_tokenizer):
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
     config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
                        n_kv_head=2, n_embd=64, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.125)  # spread the logits so greedy decoding is not a near-tie

@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 
 
 def make_model(vocab_size, seed=0, **overrides):
     """A tiny GPT whose every weight is random, so outputs depend on all of them."""
     config = GPTConfig(**{**dict(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
                                  window_pattern="SL"), **overrides})
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config, "cpu")
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

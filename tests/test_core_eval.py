@@ -16,7 +16,7 @@ import torch
 
 from nanochat import core_eval
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 BUNDLE = SHARED_DATA / "eval_bundle"
@@ -199,10 +199,7 @@ def test_uniform_model_picks_the_first_choice(tiny_tokenizer, label):
 def tiny_gpt(vocab_size, sequence_len=128):
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
                        window_pattern="SL")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

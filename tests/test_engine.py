@@ -41,13 +41,10 @@ class MockModel:
 def make_gpt(vocab_size, sequence_len=64, device="cpu"):
     """A tiny random GPT whose blocks matter: init_weights zeroes the output projections, so redraw all
     matrices (otherwise attention, and with it the KV cache, would not influence the logits)."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_gpt
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    model = build_gpt(config, device)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

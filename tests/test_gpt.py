@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, build_gpt
 from nanochat.optim import MuonAdamW
 
 from conftest import REPO_ROOT
@@ -34,13 +34,9 @@ def tiny_config(**overrides):
 
 
 def build_model(config, seed=0):
-    """The way every script builds a model: on meta, then real storage, then init_weights()."""
+    """The way every script builds a model (build_gpt: on meta, then real storage, then init_weights())."""
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
+    return build_gpt(config, "cpu")
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.loss_eval import evaluate_bpb
 from tests.conftest import REPO_ROOT
 
@@ -18,10 +18,7 @@ SPECIAL = [90, 91]  # token ids standing for special tokens: 0 bytes
 
 def make_model():
     config = GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(config, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
