@@ -1,4 +1,5 @@
 """Shared fixtures: the real data beside the repo, a small trained tokenizer, an isolated base dir."""
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -6,6 +7,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The data tree the tests read (layout of ../shared/data); $NANOCHAT_TEST_DATA overrides it.
+TEST_DATA = Path(os.environ.get("NANOCHAT_TEST_DATA") or SHARED_DATA)
 
 
 def pretrain_texts(max_chars=2_000_000, shard=0):
