@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA, pretrain_texts
+from conftest import REPO_ROOT, TEST_DATA, pretrain_texts
 from nanochat import dataset
 from nanochat.dataloader import (BatchStager, BestFitPacker, tokenizing_distributed_data_loader,
                                  tokenizing_distributed_data_loader_bos_bestfit,
@@ -21,7 +21,7 @@ from nanochat.dataloader import (BatchStager, BestFitPacker, tokenizing_distribu
 
 @pytest.fixture
 def shared_data(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(TEST_DATA))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
 
