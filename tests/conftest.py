@@ -38,15 +38,15 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(autouse=True)
-def isolated_data_env(tmp_path, monkeypatch):
+def isolated_data_env(tmp_path_factory, monkeypatch):
     """
-    Every test starts with an empty NANOCHAT_BASE_DIR of its own and no data settings from the shell
-    (NANOCHAT_DATA_DIR, NANOCHAT_DATA): a test that needs data says which tree. Subprocesses inherit this.
+    Every test starts with an empty NANOCHAT_BASE_DIR of its own (outside its tmp_path) and no data
+    settings from the shell (NANOCHAT_DATA_DIR, NANOCHAT_DATA): a test that needs data says which tree.
+    Subprocesses inherit this.
     """
     monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
     monkeypatch.delenv("NANOCHAT_DATA", raising=False)
-    base = tmp_path / "nanochat_base"
-    base.mkdir()
+    base = tmp_path_factory.mktemp("nanochat_base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     return base
 

@@ -289,8 +289,11 @@ def start_stalled_download(program, tmp_path, base_dir):
     dest = base_dir / "base_data" if program == "shards" else base_dir
     server = FileServer(files, stall_seconds=60).__enter__()
     server.stall = set(files)
+    # SIGINT as a terminal gives it: a shell without job control (CI, a script run with &) starts
+    # children with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     process = subprocess.Popen(PROGRAMS[program](server.url, str(dest)), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (dest.is_dir() and any(datasource.TEMP_RE.fullmatch(name) for name in os.listdir(dest))):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
