@@ -6,20 +6,20 @@ the same way; the script fails loudly if any task's accuracy differs.
     NANOCHAT_DATA_DIR=../shared/data python -m dev.bench_core --max-per-task=20          # random d4 model
     NANOCHAT_DATA_DIR=../shared/data python -m dev.bench_core --source=base --max-per-task=20
 
-Without --source it builds the d4 configuration of SPEC §11 (depth 4, head_dim 64, seq 512, window L)
-with random weights, and a tokenizer of --vocab-size trained on the local pretraining shards.
+Without --source it builds the CPU demo's d4 configuration (depth 4, head_dim 64, seq 512, window L)
+with random weights, and a tokenizer of --vocab-size trained on the train shards (NANOCHAT_DATA=embedded
+works too: the embedded sample holds the same first rows of each task, see data/SOURCES.md).
 """
 
 import argparse
 import os
 import time
 
-import pyarrow.parquet as pq
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import local_data_path
 from nanochat.core_eval import centered_accuracy, evaluate_task, get_eval_bundle_dir, load_core_tasks, load_task_data
+from nanochat.dataset import parquets_iter_batched
 from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.tokenizer import RustBPETokenizer
 
@@ -49,12 +49,9 @@ def random_d4_model(tokenizer):
 
 
 def local_texts(max_chars):
-    pretrain_dir = local_data_path("pretrain")
-    if pretrain_dir is None:
-        raise SystemExit("Set NANOCHAT_DATA_DIR to a data tree with pretrain/ shards (e.g. ../shared/data)")
     total = 0
-    for name in sorted(os.listdir(pretrain_dir)):
-        for text in pq.read_table(os.path.join(pretrain_dir, name), columns=["text"]).column("text").to_pylist():
+    for texts in parquets_iter_batched("train"):
+        for text in texts:
             if total >= max_chars:
                 return
             total += len(text)

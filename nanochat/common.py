@@ -1,12 +1,11 @@
 """
 Things every stage needs: the base dir, distributed/device init, rank-0 printing, wandb stand-in,
-GPU peak FLOPs for MFU, and downloads that are safe when many ranks ask at once.
-Device and dtype decisions live here and nowhere else.
+GPU peak FLOPs for MFU. Device and dtype decisions live here and nowhere else. (Where data comes
+from, and downloads: nanochat/datasource.py.)
 """
 
 import os
 import logging
-import urllib.request
 
 import torch
 import torch.distributed as dist
@@ -29,19 +28,6 @@ def print0(*args, **kwargs):
 
 def print_banner():
     print0("=" * 64 + "\n nanochat: train your own ChatGPT, from raw text to a chat UI\n" + "=" * 64)
-
-
-def local_data_path(*parts):
-    """
-    Path of a file in the local data tree $NANOCHAT_DATA_DIR (layout of ../shared/data: pretrain/,
-    eval_bundle/, chat/..., words/), or None when the variable is unset or the file is absent.
-    Every stage that downloads something looks here first, so the whole pipeline can run offline.
-    """
-    root = os.environ.get("NANOCHAT_DATA_DIR")
-    if not root:
-        return None
-    path = os.path.join(root, *parts)
-    return path if os.path.exists(path) else None
 
 
 def is_ddp_requested():
@@ -185,39 +171,6 @@ def get_device_name(device_type):
     if device_type == "cuda":
         return torch.cuda.get_device_name()
     return device_type
-
-
-def _download(url, path, postprocess_fn=None, timeout=60):
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        if postprocess_fn is not None:
-            postprocess_fn(tmp_path)
-        os.replace(tmp_path, path)
-    except Exception as e:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise RuntimeError(f"Download of {url} failed ({e}). Check the network, or place the file at {path} by hand.") from e
-
-
-def download_file_with_lock(url, filename, postprocess_fn=None):
-    """
-    Download url to base_dir/filename once, even when every rank calls this at the same time.
-    The first process to take the lock downloads to a temp name and renames; the others wait on the lock
-    and then find the file. postprocess_fn(tmp_path) runs before the rename (e.g. to unpack a zip).
-    Returns the final path.
-    """
-    from filelock import FileLock
-    path = os.path.join(get_base_dir(), filename)
-    if os.path.exists(path):
-        return path
-    with FileLock(path + ".lock"):
-        if not os.path.exists(path):
-            print0(f"Downloading {url} -> {path}")
-            _download(url, path, postprocess_fn)
-    return path
 
 
 def format_duration(seconds):

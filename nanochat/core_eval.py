@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import download_file_with_lock, get_base_dir, get_compute_dtype, get_dist_info, local_data_path, print0
+from nanochat.common import get_base_dir, get_compute_dtype, get_dist_info, print0
+from nanochat.datasource import DownloadError, download_once, find_data
 from nanochat.engine import KVCache
 
 logger = logging.getLogger("nanochat")
@@ -312,29 +313,35 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_size=16, shar
 # The eval bundle and the CORE score
 
 def unzip_eval_bundle(zip_path):
-    """download_file_with_lock postprocess: unpack the zip's eval_bundle/ folder into base_dir/eval_bundle."""
+    """Unpack the zip's eval_bundle/ folder into base_dir/eval_bundle (ValueError when it is no such zip)."""
     base_dir = get_base_dir()
     with tempfile.TemporaryDirectory(dir=base_dir) as tmp_dir:
-        with zipfile.ZipFile(zip_path) as zf:
-            zf.extractall(tmp_dir)
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp_dir)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{zip_path} is not a zip file ({e})") from e
+        if not os.path.isdir(os.path.join(tmp_dir, "eval_bundle")):
+            raise ValueError(f"{zip_path} has no eval_bundle/ folder")
         shutil.move(os.path.join(tmp_dir, "eval_bundle"), os.path.join(base_dir, "eval_bundle"))
 
 
 def get_eval_bundle_dir():
-    """$NANOCHAT_DATA_DIR/eval_bundle, else base_dir/eval_bundle, downloading it there once if needed."""
-    local = local_data_path("eval_bundle")
-    if local:
-        return local
+    """
+    The eval bundle, in the data order of nanochat/datasource.py: $NANOCHAT_DATA_DIR/eval_bundle,
+    base_dir/eval_bundle, the embedded sample's; else downloaded and unpacked into base_dir/eval_bundle.
+    """
+    found = find_data("eval_bundle", ("eval_bundle",))
+    if found:
+        return found
     bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
-    if not os.path.isdir(bundle_dir):
-        try:
-            zip_path = download_file_with_lock(EVAL_BUNDLE_URL, "eval_bundle.zip", postprocess_fn=unzip_eval_bundle)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}\nNo CORE eval bundle: set NANOCHAT_DATA_DIR to a data tree with eval_bundle/ "
-                               f"(e.g. ../shared/data) or unzip {EVAL_BUNDLE_URL} into {bundle_dir}") from e
-        with FileLock(zip_path + ".lock"):
-            if not os.path.isdir(bundle_dir):  # the zip was there already (placed by hand): unpack it now
-                unzip_eval_bundle(zip_path)
+    try:
+        zip_path = download_once(EVAL_BUNDLE_URL, bundle_dir + ".zip", on_complete=unzip_eval_bundle)
+    except DownloadError as e:
+        raise DownloadError(f"No CORE eval bundle. {e} Or unzip {EVAL_BUNDLE_URL} into {bundle_dir} by hand.") from e
+    with FileLock(zip_path + ".lock"):
+        if not os.path.isdir(bundle_dir):  # the zip was there already (placed by hand): unpack it now
+            unzip_eval_bundle(zip_path)
     return bundle_dir
 
 

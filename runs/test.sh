@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the environment (if needed) and run the whole test suite: `bash runs/test.sh [pytest args]`.
-# Tests read the real sample data in ../shared/data (override with NANOCHAT_TEST_DATA=...).
+# Tests read the embedded sample in data/ (NANOCHAT_TEST_DATA=DIR: another data tree of that layout); the few
+# that compare it with the full data tree ../shared/data (NANOCHAT_SHARED_DATA=DIR) skip when that is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh

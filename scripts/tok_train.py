@@ -11,7 +11,7 @@ import os
 import time
 
 from nanochat.common import get_base_dir
-from nanochat.dataset import parquets_iter_batched
+from nanochat.dataset import parquets_iter_batched, split_files
 from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
@@ -32,6 +32,10 @@ min_vocab_size = 256 + len(SPECIAL_TOKENS)
 if args.vocab_size < min_vocab_size:
     parser.error(f"--vocab-size must be at least {min_vocab_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
 print(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
+try:
+    split_files("train")  # says where the shards come from, or how to get some
+except FileNotFoundError as e:
+    raise SystemExit(str(e))
 
 # Capping documents keeps a few huge ones (code dumps, tables) from dominating the pair statistics.
 consumed = {"docs": 0, "chars": 0}
@@ -52,9 +56,10 @@ t0 = time.time()
 tokenizer = RustBPETokenizer.train_from_iterator(training_texts(), args.vocab_size)
 train_time = time.time() - t0
 if consumed["docs"] == 0:
-    raise SystemExit("No training text: put parquet shards in the data dir (python -m nanochat.dataset -n N, "
-                     "or set NANOCHAT_DATA_DIR to a tree with pretrain/shard_*.parquet)")
+    raise SystemExit("No training text: the train shards hold no documents")
 print(f"Trained on {consumed['docs']:,} docs, {consumed['chars']:,} chars in {train_time:.2f}s")
+if consumed["chars"] < args.max_chars:
+    print(f"Note: that is all the train split holds ({args.max_chars:,} chars were allowed)")
 if tokenizer.get_vocab_size() < args.vocab_size:
     print(f"WARNING: the text only supported {tokenizer.get_vocab_size():,} tokens, fewer than the "
           f"{args.vocab_size:,} asked for; train on more text (--max-chars) for the full vocabulary")

@@ -3,10 +3,10 @@ What every chat task shares: the Task base class (a sliceable view over examples
 sequences of tasks, the multiple-choice prompt, conversation checks, and data loading.
 
 A task is a list of conversations {"messages": [{"role": ..., "content": ...}, ...]} plus a way to
-grade a model's answer (evaluate). Data comes from the local data tree first ($NANOCHAT_DATA_DIR,
-laid out like ../shared/data, or an explicit data_dir argument): fast, deterministic, offline.
-Only when no local copy exists is the Hugging Face hub asked (imported lazily, so importing a task
-never touches the network).
+grade a model's answer (evaluate). A task's files come from an explicit data_dir argument, else
+from the data order of nanochat/datasource.py ($NANOCHAT_DATA_DIR, the embedded sample when
+NANOCHAT_DATA=embedded); only when no local copy exists is the Hugging Face hub asked (imported
+lazily, so importing a task never touches the network).
 """
 
 import bisect
@@ -15,7 +15,7 @@ import json
 import os
 import random
 
-from nanochat.common import local_data_path
+from nanochat.datasource import OFFLINE_HINT, announce, embedded_requested, find_data
 
 
 class Task:
@@ -147,14 +147,15 @@ def check_messages(messages):
 
 def local_file(*parts, data_dir=None):
     """
-    A file of the local data tree: under data_dir when given (then it must exist), else under
-    $NANOCHAT_DATA_DIR. None means "no local copy": the caller goes to the hub.
+    A file of a data tree: under data_dir when given (then it must exist), else found in the data
+    order. None means "no local copy": the caller goes to the hub.
     """
     if data_dir is None:
-        return local_data_path(*parts)
+        return find_data(os.path.join(*parts))
     path = os.path.join(data_dir, *parts)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: data_dir must be laid out like ../shared/data (see its SOURCES.md)")
+        raise FileNotFoundError(f"{path} not found: data_dir must be a data tree laid out like the repo's data/ "
+                                f"(see its SOURCES.md)")
     return path
 
 
@@ -167,12 +168,14 @@ def read_jsonl(path):
 
 def load_hub_dataset(path, name=None, split=None):
     """A Hugging Face hub dataset, for when there is no local copy. Fails with a message naming the offline fix."""
+    if embedded_requested():
+        raise RuntimeError(f"{path} (config {name}, split {split}) is not in the embedded sample, and "
+                           "NANOCHAT_DATA=embedded downloads nothing: unset it to use the Hugging Face hub")
+    announce("the Hugging Face hub")
     try:
         from datasets import load_dataset  # imported here: only the hub path needs it, and it is slow to import
         return load_dataset(path, name, split=split)
     except Exception as e:
         raise RuntimeError(
-            f"Could not load {path} (config {name}, split {split}) from the Hugging Face hub: {e}\n"
-            "Offline? Set NANOCHAT_DATA_DIR to a local data tree laid out like ../shared/data "
-            "(see its SOURCES.md), or pass data_dir=... to the task."
+            f"Could not load {path} (config {name}, split {split}) from the Hugging Face hub: {e}\n{OFFLINE_HINT}"
         ) from e

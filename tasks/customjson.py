@@ -9,15 +9,16 @@ import gzip
 import json
 import os
 
-from nanochat.common import get_base_dir, local_data_path
+from nanochat.common import get_base_dir
+from nanochat.datasource import OFFLINE_HINT, find_data
 from tasks.common import Task, check_messages
 
 IDENTITY_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
 
 
 def default_identity_path():
-    """The identity conversations: the local data tree's copy if present, else base_dir/identity_conversations.jsonl."""
-    return (local_data_path("chat", "identity", "identity_conversations.jsonl.gz")
+    """The identity conversations, in the data order; base_dir/identity_conversations.jsonl when nowhere."""
+    return (find_data("chat/identity/identity_conversations.jsonl.gz", ("identity_conversations.jsonl",))
             or os.path.join(get_base_dir(), "identity_conversations.jsonl"))
 
 
@@ -41,7 +42,7 @@ class CustomJSON(Task):
                 f"Conversation file {filepath} not found. Write one JSON list of messages per line, e.g.\n"
                 '  [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]\n'
                 f"For the identity conversations: curl -L -o {os.path.join(get_base_dir(), 'identity_conversations.jsonl')} {IDENTITY_URL}\n"
-                "or offline set NANOCHAT_DATA_DIR to a data tree with chat/identity/identity_conversations.jsonl.gz (like ../shared/data)."
+                f"{OFFLINE_HINT}"
             )
         self.conversations = []
         opener = gzip.open if filepath.endswith(".gz") else open

@@ -5,15 +5,18 @@ out, counts letter by letter, double-checks with a python tool call ("strawberry
 the Engine's calculator runs) and ends with "#### <count>". SimpleSpelling: "Spell the word: apple"
 -> "apple:a,p,p,l,e". Examples are generated on the fly, each from its own RNG seeded by
 (task, split, index): deterministic, and train and test draw different examples.
-Words: words/words_alpha.txt.gz of the local data tree, else downloaded once from dwyl/english-words.
+Words: words/words_alpha.txt.gz of a data tree, or base_dir/words_alpha.txt, in the data order of
+nanochat/datasource.py; else downloaded once from dwyl/english-words.
 """
 
 import functools
 import gzip
+import os
 import random
 import re
 
-from nanochat.common import download_file_with_lock
+from nanochat.common import get_base_dir
+from nanochat.datasource import download_once, find_data
 from tasks.common import Task, content_text, local_file
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -37,14 +40,10 @@ NUMBER_RE = re.compile(r"-?\d+")
 
 
 def word_list_path(data_dir=None):
-    path = local_file("words", "words_alpha.txt.gz", data_dir=data_dir)
-    if path:
-        return path
-    try:
-        return download_file_with_lock(WORD_LIST_URL, "words_alpha.txt")
-    except RuntimeError as e:
-        raise RuntimeError(f"{e}\nOffline? Set NANOCHAT_DATA_DIR to a local data tree that has words/words_alpha.txt.gz "
-                           "(like ../shared/data).") from e
+    if data_dir is not None:
+        return local_file("words", "words_alpha.txt.gz", data_dir=data_dir)
+    return (find_data("words/words_alpha.txt.gz", ("words_alpha.txt",))
+            or download_once(WORD_LIST_URL, os.path.join(get_base_dir(), "words_alpha.txt")))
 
 
 @functools.lru_cache(maxsize=2)  # 370k words, shared by every spelling task of the process

@@ -1,21 +1,29 @@
-"""Shared fixtures: the real data beside the repo, a small trained tokenizer, an isolated base dir."""
+"""Shared fixtures: the data tree the tests read, a small trained tokenizer, an isolated data environment, a file server."""
+import collections
+import http.server
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-# The data tree the tests read (layout of ../shared/data); $NANOCHAT_TEST_DATA overrides it.
-TEST_DATA = Path(os.environ.get("NANOCHAT_TEST_DATA") or SHARED_DATA)
+# The data tree the tests read: the embedded sample in the repo's data/, or $NANOCHAT_TEST_DATA.
+TEST_DATA = Path(os.environ.get("NANOCHAT_TEST_DATA") or REPO_ROOT / "data")
+# The full local data tree, beside the repo on our machines and in CI ($NANOCHAT_SHARED_DATA overrides
+# it), for the few tests that need more than the embedded sample: they skip without it.
+SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the full data tree {SHARED_DATA}")
 
 
 def pretrain_texts(max_chars=2_000_000, shard=0):
-    """Documents from one of the shared pretraining shards (real Wikipedia text)."""
-    table = pq.read_table(SHARED_DATA / "pretrain" / f"shard_{shard:05d}.parquet", columns=["text"])
+    """Documents from one of the test data's pretraining shards (real Wikipedia text); shard=-1 is val."""
+    path = sorted((TEST_DATA / "pretrain").glob("shard_*.parquet"))[shard]
     total = 0
-    for text in table.column("text").to_pylist():
+    for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
         if total >= max_chars:
             break
         total += len(text)
@@ -24,15 +32,85 @@ def pretrain_texts(max_chars=2_000_000, shard=0):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A 1024-token BPE tokenizer trained on ~2M chars of the shared shards (a few seconds)."""
+    """A 1024-token BPE tokenizer trained on ~2M chars of the first shard (a few seconds)."""
     from nanochat.tokenizer import RustBPETokenizer
     return RustBPETokenizer.train_from_iterator(pretrain_texts(), vocab_size=1024)
 
 
+@pytest.fixture(autouse=True)
+def isolated_data_env(tmp_path_factory, monkeypatch):
+    """
+    Every test starts with an empty NANOCHAT_BASE_DIR of its own (outside its tmp_path) and no data
+    settings from the shell (NANOCHAT_DATA_DIR, NANOCHAT_DATA): a test that needs data says which tree.
+    Subprocesses inherit this.
+    """
+    monkeypatch.delenv("NANOCHAT_DATA_DIR", raising=False)
+    monkeypatch.delenv("NANOCHAT_DATA", raising=False)
+    base = tmp_path_factory.mktemp("nanochat_base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    return base
+
+
 @pytest.fixture
-def base_dir(tmp_path, monkeypatch):
-    """An empty NANOCHAT_BASE_DIR for one test."""
-    d = tmp_path / "nanochat_base"
-    d.mkdir()
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
-    return d
+def base_dir(isolated_data_env):
+    """The test's own empty NANOCHAT_BASE_DIR."""
+    return isolated_data_env
+
+
+class FileServer:
+    """Serves files {name: bytes} over HTTP on 127.0.0.1 (404 for others); some names misbehave on purpose."""
+
+    def __init__(self, files, dest=None, stall_seconds=3):
+        self.files, self.dest = files, dest  # dest: where the client writes, checked while a transfer is cut
+        self.requests = collections.Counter()
+        self.drop_first, self.drop_always, self.stall = set(), set(), set()
+        self.stall_seconds, self.release = stall_seconds, threading.Event()  # a stall ends early on exit
+        self.final_name_present_during_partial = []  # checked while a partial file is being received
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests[name] += 1
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[name]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                drop = name in server.drop_always or (name in server.drop_first and server.requests[name] == 1)
+                if drop or name in server.stall:
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    time.sleep(0.2)  # let the client write what it got
+                    if server.dest is not None:
+                        server.final_name_present_during_partial.append(os.path.exists(os.path.join(server.dest, name)))
+                    if name in server.stall:
+                        server.release.wait(server.stall_seconds)
+                    return  # HTTP/1.0: the connection closes here, mid-file
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/data"  # nothing listens there: connection refused

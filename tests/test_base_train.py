@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA
 
 # depth 2, 128-token rows, 4 rows per forward, 2 accumulation steps in one process
 TINY = ["--depth=2", "--head-dim=64", "--max-seq-len=128", "--device-batch-size=4", "--total-batch-size=1024",
@@ -17,7 +17,7 @@ TINY = ["--depth=2", "--head-dim=64", "--max-seq-len=128", "--device-batch-size=
 
 
 def run(args, base_dir, nproc=1):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(SHARED_DATA),
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
            "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "scripts.base_train", *args]
@@ -99,7 +99,7 @@ def test_two_ranks_agree_with_grad_accumulation(trained_tokenizer_dir, tmp_path)
 
 
 def test_bad_flags_fail_clearly(trained_tokenizer_dir):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(trained_tokenizer_dir), "NANOCHAT_DATA_DIR": str(SHARED_DATA)}
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(trained_tokenizer_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA)}
     cmd = [sys.executable, "-m", "scripts.base_train", *TINY, "--total-batch-size=1000"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

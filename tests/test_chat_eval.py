@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA
 from test_chat_stages import make_tiny_checkpoint, MODEL_TAG
 
 import scripts.chat_eval as chat_eval
@@ -41,7 +41,7 @@ class AnswerAfterPromptModel:
 
 def test_categorical_accuracy_is_fraction_of_gold_letter(tiny_tokenizer):
     from tasks.mmlu import MMLU
-    task = MMLU(subset="all", split="test", data_dir=str(SHARED_DATA))
+    task = MMLU(subset="all", split="test", data_dir=str(TEST_DATA))
     num_problems = 23  # batch size 5: the last batch is partial; prompts differ in length, so rows are padded
     golds = [task[i]["messages"][-1]["content"] for i in range(num_problems)]
     letter_id = {letter: tiny_tokenizer.encode(letter)[0] for letter in "ABCD"}
@@ -82,7 +82,7 @@ COMMON_ARGS = ["-i", "sft", "--device-type=cpu", "--max-problems=4", "--max-new-
 
 
 def run_chat_eval(base_dir, args, nproc=1):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(SHARED_DATA),
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
            "OMP_NUM_THREADS": "1"}  # a tiny model on a shared CPU: extra threads only add contention
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]

@@ -18,7 +18,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA
 
 MODEL_TAG = "d2"
 
@@ -40,7 +40,7 @@ def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs):
 
 def run_stage(module, args, base_dir, timeout=300):
     """Run `python -m module args` on the CPU, offline, against base_dir; -> its combined output."""
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(SHARED_DATA),
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
            "HF_HUB_OFFLINE": "1",  # MMLU auxiliary_train is hub-only: fail fast to the local stand-in
            "OMP_NUM_THREADS": "1"}  # a tiny model on a shared CPU: extra threads only add contention
     result = subprocess.run([sys.executable, "-m", module, "--device-type=cpu", *args], cwd=REPO_ROOT, env=env,

@@ -17,9 +17,9 @@ import torch
 from nanochat import core_eval
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPTConfig, build_gpt
-from tests.conftest import REPO_ROOT, SHARED_DATA
+from tests.conftest import REPO_ROOT, TEST_DATA
 
-BUNDLE = SHARED_DATA / "eval_bundle"
+BUNDLE = TEST_DATA / "eval_bundle"
 COPA = [  # the first rows of eval_data/commonsense_reasoning/copa.jsonl
     {"query": "The man turned on the faucet, therefore", "gold": 1,
      "choices": ["the toilet filled with water.", "water flowed from the spout."]},
@@ -265,7 +265,7 @@ def test_base_eval_script_end_to_end(tiny_tokenizer, base_dir):
     model = tiny_gpt(tiny_tokenizer.get_vocab_size())
     meta = {"step": 7, "model_config": dataclasses.asdict(model.config)}
     save_checkpoint(str(base_dir / "base_checkpoints" / "d2"), 7, model.state_dict(), None, meta)
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(SHARED_DATA), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA), "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--max-per-task=3", "--device-type=cpu"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

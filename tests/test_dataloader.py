@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA, pretrain_texts
+from conftest import REPO_ROOT, TEST_DATA, pretrain_texts
 from nanochat import dataset
 from nanochat.dataloader import (BatchStager, BestFitPacker, tokenizing_distributed_data_loader,
                                  tokenizing_distributed_data_loader_bos_bestfit,
@@ -20,8 +20,8 @@ from nanochat.dataloader import (BatchStager, BestFitPacker, tokenizing_distribu
 
 
 @pytest.fixture
-def shared_data(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(SHARED_DATA))
+def test_data(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(TEST_DATA))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
 
@@ -121,7 +121,7 @@ def test_packer_refuses_empty_docs_and_short_buffers():
 # -----------------------------------------------------------------------------
 # the best-fit loader
 
-def test_bestfit_rows_are_whole_documents(shared_data, tiny_tokenizer):
+def test_bestfit_rows_are_whole_documents(test_data, tiny_tokenizer):
     bos = tiny_tokenizer.get_bos_token_id()
     B, T = 4, 256
     loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tiny_tokenizer, B, T, "train", buffer_size=200)
@@ -142,8 +142,8 @@ def test_bestfit_rows_are_whole_documents(shared_data, tiny_tokenizer):
     assert len(seen) > 10
 
 
-def test_two_ranks_read_disjoint_row_groups_and_loop(shared_data, tiny_tokenizer, monkeypatch):
-    """The val split (6 row groups): rank r of 2 reads r, r+2, r+4, then starts epoch 2."""
+def test_two_ranks_read_disjoint_row_groups_and_loop(test_data, tiny_tokenizer, monkeypatch):
+    """The val split (several row groups): rank r of 2 reads r, r+2, ..., then starts epoch 2."""
     bos = tiny_tokenizer.get_bos_token_id()
     num_row_groups = sum(pq.ParquetFile(p).num_row_groups for p in dataset.split_files("val"))
     texts_of_rank, docs_of_rank = [], []
@@ -162,19 +162,19 @@ def test_two_ranks_read_disjoint_row_groups_and_loop(shared_data, tiny_tokenizer
                 docs.update(tiny_tokenizer.decode(doc[1:]) for doc in segments(row, bos)[:-1])
         assert {(s["pq_idx"], s["rg_idx"]) for s in states if s["epoch"] == 1} <= {(p, r) for p, r, _ in expected}
         assert states[-2]["rg_idx"] == expected[-1][1] and states[-1] == {"pq_idx": 0, "rg_idx": rank, "epoch": 2}
-        assert docs <= texts_of_rank[rank] and len(docs) > 100
+        assert docs <= texts_of_rank[rank] and len(docs) > 50  # whole documents, not just crops
         docs_of_rank.append(docs)
     assert not texts_of_rank[0] & texts_of_rank[1] and not docs_of_rank[0] & docs_of_rank[1]
 
 
-def test_more_ranks_than_row_groups_is_a_clear_error(shared_data, tiny_tokenizer, monkeypatch):
+def test_more_ranks_than_row_groups_is_a_clear_error(test_data, tiny_tokenizer, monkeypatch):
     set_rank(monkeypatch, 7, 8)  # the val shard has 6 row groups
     with pytest.raises(ValueError, match="fewer row groups than ranks"):
         next(tokenizing_distributed_data_loader_bos_bestfit(tiny_tokenizer, 2, 64, "val"))
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_resume_repeats_no_document(shared_data, tiny_tokenizer, monkeypatch, rank):
+def test_resume_repeats_no_document(test_data, tiny_tokenizer, monkeypatch, rank):
     set_rank(monkeypatch, rank, 2)
     bos = tiny_tokenizer.get_bos_token_id()
     tagged = row_group_docs(tiny_tokenizer, "train", 6, start=rank, step=2)
@@ -216,7 +216,7 @@ def tokenizer_32k():
     return RustBPETokenizer.train_from_iterator(pretrain_texts(2_000_000), vocab_size=32768)
 
 
-def test_crop_fraction_at_T2048(shared_data, tokenizer_32k):
+def test_crop_fraction_at_T2048(test_data, tokenizer_32k):
     """
     Crop fraction = tokens of consumed documents cut off by cropping / all their tokens. Measured on
     the shared Wikipedia shards: ~1% with 32K vocab (~2.4% with the 1024-vocab fixture) against ~28%
@@ -245,7 +245,7 @@ def test_crop_fraction_at_T2048(shared_data, tokenizer_32k):
 # -----------------------------------------------------------------------------
 # the streaming loader and staging
 
-def test_streaming_loader_is_the_token_stream(shared_data, tiny_tokenizer):
+def test_streaming_loader_is_the_token_stream(test_data, tiny_tokenizer):
     B, T = 4, 64
     expected = [t for _, tokens in row_group_docs(tiny_tokenizer, "val", 1) for t in tokens]
     loader = tokenizing_distributed_data_loader_with_state(tiny_tokenizer, B, T, "val")
@@ -288,7 +288,7 @@ def test_batch_stager_one_buffer_fresh_per_batch(device):
 
 
 @pytest.mark.slow
-def test_ranks_disjoint_under_torchrun(shared_data, tiny_tokenizer, tmp_path):
+def test_ranks_disjoint_under_torchrun(test_data, tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,5 +1,5 @@
 """
-Chat tasks on the real local data: every task loads offline, renders valid conversations that agree
+Chat tasks on the test data tree (real data): every task loads offline, renders valid conversations that agree
 with the raw files, slices correctly, mixes deterministically, and grades answers right.
 """
 import csv
@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO_ROOT, SHARED_DATA
+from conftest import REPO_ROOT, TEST_DATA, FileServer
 from tasks.arc import ARC
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from tasks.customjson import CustomJSON
@@ -22,12 +22,12 @@ from tasks.mmlu import MMLU, mid_train_mmlu
 from tasks.smoltalk import SmolTalk, parse_hh_dialogue
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
-CHAT = SHARED_DATA / "chat"
+CHAT = TEST_DATA / "chat"
 
 
 @pytest.fixture(autouse=True)
 def local_data(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(TEST_DATA))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a test that reaches for the hub fails at once instead of retrying
 
 
@@ -132,15 +132,15 @@ def test_tasks_render_with_the_tokenizer(request):
 
 def test_explicit_data_dir_and_missing_files(monkeypatch, tmp_path):
     monkeypatch.delenv("NANOCHAT_DATA_DIR")
-    assert len(GSM8K(split="test", data_dir=str(SHARED_DATA))) == len(raw_jsonl(CHAT / "gsm8k" / "test.jsonl.gz"))
-    with pytest.raises(FileNotFoundError, match="shared/data"):
+    assert len(GSM8K(split="test", data_dir=str(TEST_DATA))) == len(raw_jsonl(CHAT / "gsm8k" / "test.jsonl.gz"))
+    with pytest.raises(FileNotFoundError, match="data_dir must be a data tree"):
         GSM8K(split="test", data_dir=str(tmp_path))
 
 
 def test_hub_failure_names_the_offline_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))  # an empty tree: no local copy, so the hub is tried
     for make_task in [lambda: GSM8K(split="test"), lambda: ARC("ARC-Easy", "test"), lambda: MMLU("all", "test")]:
-        with pytest.raises(RuntimeError, match="NANOCHAT_DATA_DIR"):
+        with pytest.raises(RuntimeError, match="NANOCHAT_DATA=embedded"):
             make_task()
 
 
@@ -390,14 +390,13 @@ def test_simple_spelling():
     assert task[3] == SimpleSpelling(size=50, split="train")[3]
 
 
-def test_word_list_offline_message(monkeypatch, base_dir):
+def test_word_list_download_failure_names_the_offline_fix(monkeypatch, base_dir):
     monkeypatch.delenv("NANOCHAT_DATA_DIR")
-
-    def offline_download(url, filename, postprocess_fn=None):
-        raise RuntimeError(f"Download of {url} failed (no network)")
-    monkeypatch.setattr("tasks.spellingbee.download_file_with_lock", offline_download)
-    with pytest.raises(RuntimeError, match="NANOCHAT_DATA_DIR"):
-        SpellingBee(size=10)
+    with FileServer({}) as server:  # answers 404: not retried
+        monkeypatch.setattr("tasks.spellingbee.WORD_LIST_URL", f"{server.url}/words_alpha.txt")
+        with pytest.raises(RuntimeError, match="NANOCHAT_DATA=embedded"):
+            SpellingBee(size=10)
+    assert server.requests == {"words_alpha.txt": 1}
 
 
 # --------------------------------------------------------------------------------------------- CustomJSON

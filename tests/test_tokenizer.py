@@ -11,7 +11,7 @@ import regex
 import tiktoken
 import torch
 
-from conftest import REPO_ROOT, SHARED_DATA, pretrain_texts
+from conftest import REPO_ROOT, TEST_DATA, pretrain_texts
 from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, get_token_bytes,
                                 get_tokenizer)
 
@@ -138,7 +138,7 @@ def test_token_bytes_count_utf8_bytes(tiny_tokenizer, random_texts):
     token_bytes = tiny_tokenizer.token_bytes()
     assert token_bytes.dtype == torch.int32 and len(token_bytes) == tiny_tokenizer.get_vocab_size()
     assert all(token_bytes[tiny_tokenizer.encode_special(name)] == 0 for name in SPECIAL_TOKENS)
-    for text in random_texts + list(pretrain_texts(max_chars=50_000, shard=10)):
+    for text in random_texts + list(pretrain_texts(max_chars=50_000, shard=-1)):
         ids = tiny_tokenizer.encode(text)
         assert token_bytes[ids].sum().item() == len(text.encode("utf-8"))
 
@@ -280,7 +280,7 @@ def test_visualize_colours_the_learned_tokens(tiny_tokenizer):
 
 
 def run_script(module, *flags):
-    env = dict(os.environ, NANOCHAT_DATA_DIR=str(SHARED_DATA))
+    env = dict(os.environ, NANOCHAT_DATA_DIR=str(TEST_DATA))
     return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -1,0 +1,177 @@
+"""
+Where every piece of data comes from, and the one downloader.
+
+A data tree is a folder laid out as pretrain/ (parquet shards), eval_bundle/, chat/<task>/ and words/.
+Every stage looks for what it needs in this order, and the first match wins:
+  1. $NANOCHAT_DATA_DIR, a data tree, when the variable is set (e.g. a full local copy, offline);
+  2. what the base dir already holds: earlier downloads, or files put there by hand;
+  3. the embedded sample, the data tree data/ shipped in the repo, only when NANOCHAT_DATA=embedded.
+     It is a few MB, enough for the CPU demo and the tests and far too small for a real model, so a
+     run takes it only when asked to (runs/runcpu.sh and the tests ask), never as a silent fallback;
+  4. a download (shards, eval bundle, word list; the Hugging Face hub for chat tasks). With
+     NANOCHAT_DATA=embedded nothing is downloaded.
+The first time a process takes data from a source it prints one line saying which ("Data: ...").
+
+Downloads stream to a temp file named after the process, are checked, then renamed: a file under its
+final name is complete. Temp files of processes that were killed are removed at the next start.
+"""
+
+import functools
+import http.client
+import os
+import re
+import shutil
+import threading
+import urllib.error
+import urllib.request
+
+from nanochat.common import get_base_dir, print0
+
+EMBEDDED_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+OFFLINE_HINT = ("Offline? Set NANOCHAT_DATA_DIR to a local data tree (pretrain/, eval_bundle/, chat/, words/), "
+                "or NANOCHAT_DATA=embedded for the small sample in the repo's data/ (CPU demo and tests only).")
+TEMP_RE = re.compile(r".+\.tmp(\d+)_\d+")  # temp_path(): <final name>.tmp<pid>_<thread id>
+
+
+def embedded_requested():
+    """True when this run asked for the embedded sample (NANOCHAT_DATA=embedded)."""
+    value = os.environ.get("NANOCHAT_DATA", "")
+    if value not in ("", "embedded"):
+        raise ValueError(f"NANOCHAT_DATA={value!r} is not understood: set it to 'embedded' for the sample in "
+                         f"{EMBEDDED_DATA_DIR}, or unset it")
+    return value == "embedded"
+
+
+@functools.cache  # one line per source and process
+def announce(source):
+    print0(f"Data: {source}")
+
+
+def find_data(tree_path, base_names=(), present=os.path.exists):
+    """
+    The path of a piece of data, in the order of the module docstring, or None: download it then.
+    tree_path: its place in a data tree ("chat/gsm8k/train.jsonl.gz"); base_names: its names in the
+    base dir ("words_alpha.txt"), none for data the base dir never holds; present(path): usable?
+    """
+    candidates = []
+    root = os.environ.get("NANOCHAT_DATA_DIR")
+    if root:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"NANOCHAT_DATA_DIR={root} is not a directory: point it at a data tree, or unset it")
+        candidates.append((f"NANOCHAT_DATA_DIR={root}", os.path.join(root, tree_path)))
+    base_dir = get_base_dir()
+    candidates += [(f"the base dir {base_dir}", os.path.join(base_dir, name)) for name in base_names]
+    if embedded_requested():
+        candidates.append((f"the embedded sample in {EMBEDDED_DATA_DIR} (NANOCHAT_DATA=embedded; for the CPU demo "
+                           f"and tests only)", os.path.join(EMBEDDED_DATA_DIR, tree_path)))
+    for source, path in candidates:
+        if present(path):
+            announce(source)
+            return path
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Downloading
+
+class DownloadError(RuntimeError):
+    """A download failed for good; the message says which URL, why, and how to do without it."""
+
+
+def temp_path(path):
+    """A temp name beside path that names the writing process, so a later start can tell stale ones."""
+    return f"{path}.tmp{os.getpid()}_{threading.get_ident()}"
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_temp_files(directory, stale_only=True):
+    """
+    Remove the temp files (and folders) of temp_path() in directory: those whose process is gone,
+    i.e. was killed mid-transfer; with stale_only=False also this process's own.
+    """
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        match = TEMP_RE.fullmatch(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if (pid == os.getpid() and not stale_only) or (pid != os.getpid() and not _process_alive(pid)):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
+def _fetch(url, tmp_path, timeout, abort):
+    """Stream url into tmp_path; stop between chunks when abort is set; complain when bytes are missing."""
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+        expected = response.headers.get("Content-Length")
+        received = 0
+        while chunk := response.read1(1 << 16):  # whatever has arrived, so abort is seen within one recv
+            if abort.is_set():
+                raise InterruptedError("download stopped")
+            f.write(chunk)
+            received += len(chunk)
+    if expected is not None and received != int(expected):
+        raise OSError(f"connection closed after {received} of {expected} bytes")
+
+
+def download(url, path, attempts=5, timeout=30, backoff=1.0, on_complete=None, abort=None):
+    """
+    Download url to path, or raise DownloadError. Streams to a temp file, runs on_complete(temp path)
+    (to check the content: raise ValueError when bad; or to unpack it), then renames, so path is
+    complete or absent. Retries with exponential backoff, except on a 4xx answer (the file is not
+    there). timeout (seconds) bounds every connect and read: a stalled server cannot hang us. Setting
+    abort (a threading.Event) stops it at the next chunk or retry, leaving no temp file.
+    """
+    tmp_path = temp_path(path)
+    abort = abort or threading.Event()
+    for attempt in range(1, max(1, attempts) + 1):
+        try:
+            _fetch(url, tmp_path, timeout, abort)
+            if on_complete is not None:
+                on_complete(tmp_path)
+            os.replace(tmp_path, path)
+            return path
+        except urllib.error.HTTPError as e:
+            reason = f"HTTP {e.code} {e.reason}"
+            if 400 <= e.code < 500 and e.code != 429:
+                break
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+        if attempt >= attempts or abort.wait(backoff * 2 ** (attempt - 1)):
+            break
+    raise DownloadError(f"Download of {url} failed: {reason} (after {attempt} attempt(s)). {OFFLINE_HINT}")
+
+
+def download_once(url, path, on_complete=None):
+    """
+    download() for a file that every rank may ask for at the same time: the first process to take the
+    lock downloads it, the others wait on the lock and then find it. Returns path.
+    """
+    from filelock import FileLock
+    if os.path.exists(path):
+        return path
+    if embedded_requested():
+        raise DownloadError(f"{path} is not there, and NANOCHAT_DATA=embedded downloads nothing: unset it to "
+                            f"download {url}")
+    with FileLock(path + ".lock"):
+        if not os.path.exists(path):
+            remove_temp_files(os.path.dirname(path))
+            print(f"Downloading {url} -> {path}", flush=True)
+            download(url, path, on_complete=on_complete)
+    return path
