@@ -1,11 +1,14 @@
 """
-Things every stage needs: the base dir, distributed/device init, rank-0 printing, wandb stand-in,
-GPU peak FLOPs for MFU, and downloads that are safe when many ranks ask at once.
+Things every stage needs: the base dir, distributed/device init and teardown, rank-0 printing, wandb
+stand-in, GPU peak FLOPs for MFU, and downloads that are safe when many ranks ask at once.
 Device and dtype decisions live here and nowhere else.
 """
 
 import os
+import sys
+import atexit
 import logging
+import importlib
 import urllib.request
 
 import torch
@@ -96,8 +99,9 @@ def get_max_memory_mb(device_type):
 
 def compute_init(device_type="", seed=42):
     """
-    Seed, pick the device, and join the process group when launched by torchrun
-    (nccl on CUDA, gloo on CPU). Returns (ddp, rank, local_rank, world_size, device).
+    Seed, pick the device, and join the process group when launched by torchrun (nccl on CUDA, gloo on
+    CPU); a distributed run then leaves its group safely however it ends (see below).
+    Returns (ddp, rank, local_rank, world_size, device).
     """
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "cpu", "mps"):
@@ -114,6 +118,13 @@ def compute_init(device_type="", seed=42):
         torch.backends.cudnn.allow_tf32 = True
 
     ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp:
+        # torch.distributed.nn binds the default group into its functions' default arguments when it is
+        # first imported (creating any optimizer imports it, through torch._dynamo). Imported after the
+        # group exists, it would keep the group, and its threads, alive past destroy_process_group
+        # (see the teardown notes below). Imported before, it binds None.
+        importlib.import_module("torch.distributed.nn")
+        atexit.register(_leave_process_group)
     if ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -130,8 +141,33 @@ def compute_init(device_type="", seed=42):
     return ddp, rank, local_rank, world_size, device
 
 
+# Tearing down a distributed run. The process group owns background threads (gloo's worker loops) that
+# hold the last references to finished collectives and their tensors. If they are still alive when the
+# interpreter finalizes, a worker that drops such a tensor needs the GIL, is told to exit instead, and
+# the C++ runtime aborts the process: SIGABRT, "terminate called without an active exception", after
+# all the work was done. So the group must be destroyed, and its threads joined, while the interpreter
+# is whole, on every way out: compute_cleanup() at the normal end, _leave_process_group at any other.
+
+def _leave_process_group():
+    """
+    atexit of a distributed run. After a clean exit that skipped compute_cleanup (sys.exit, parser.error),
+    leave the group. After an uncaught error (printed by now), leave the process at once with status 1:
+    tearing down could wait forever on a collective that the other ranks never join, and finalizing with
+    the group alive aborts, which hides the real error. torchrun then stops the other ranks.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if getattr(sys, "last_value", None) is not None:  # set when an uncaught exception was reported
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+
+
 def compute_cleanup():
+    """The normal end of a run: wait until every rank is done with its collectives, then leave the group."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
