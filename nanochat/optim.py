@@ -310,14 +310,17 @@ class DistMuonAdamW(MuonAdamW):
 
 
 def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, flat, then linear warmdown over the last warmdown_ratio of training to final_lr_frac."""
+    """
+    Linear warmup, flat, then linear warmdown over the last warmdown_ratio of training to final_lr_frac.
+    Past the end it holds the final value: a negative multiplier would be gradient ascent.
+    """
     warmup_iters = round(warmup_ratio * num_iterations)
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step < warmup_iters:
         return (step + 1) / warmup_iters
-    if step <= num_iterations - warmdown_iters:
+    if warmdown_iters == 0 or step <= num_iterations - warmdown_iters:
         return 1.0
-    progress = (num_iterations - step) / warmdown_iters  # 1 -> 0 across the warmdown
+    progress = max(0.0, (num_iterations - step) / warmdown_iters)  # 1 -> 0 across the warmdown
     return progress + (1 - progress) * final_lr_frac
 
 

@@ -262,6 +262,20 @@ def test_schedules_against_hand_values():
     assert muon["lr"] == pytest.approx(0.01) and muon["momentum"] == 0.9 and muon["weight_decay"] == 0.05
 
 
+@pytest.mark.parametrize("num_iterations", [1, 2, 3, 7, 100])
+@pytest.mark.parametrize("warmup_ratio, warmdown_ratio, final_lr_frac",
+                         [(0.0, 0.4, 0.0), (0.1, 0.4, 0.2), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.5, 0.5, 0.1)])
+def test_schedules_stay_in_range_and_hold_past_the_end(num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Over the whole run and far past its end (a resumed run, a miscounted horizon): never negative."""
+    steps = range(3 * num_iterations + 2)
+    lrms = [get_lr_multiplier(s, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac) for s in steps]
+    assert all(0.0 <= lrm <= 1.0 for lrm in lrms), lrms
+    has_warmdown = round(warmdown_ratio * num_iterations) > 0
+    assert lrms[num_iterations:] == [pytest.approx(final_lr_frac if has_warmdown else 1.0)] * (len(lrms) - num_iterations)
+    decays = [get_weight_decay(s, num_iterations, 0.2) for s in steps]
+    assert all(0.0 <= wd <= 0.2 for wd in decays) and decays[num_iterations:] == [0.0] * (len(decays) - num_iterations)
+
+
 # ------------------------------------------------------------------ CUDA
 
 
