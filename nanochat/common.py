@@ -1,13 +1,14 @@
 """
-Things every stage needs: the base dir, distributed/device init and teardown, rank-0 printing, wandb
-stand-in, GPU peak FLOPs for MFU, and downloads that are safe when many ranks ask at once.
-Device and dtype decisions live here and nowhere else.
+Things every stage needs: the base dir, distributed/device init and teardown, user errors and flag
+checks, rank-0 printing, wandb stand-in, GPU peak FLOPs for MFU, and downloads that are safe when many
+ranks ask at once. Device and dtype decisions live here and nowhere else.
 """
 
 import os
 import sys
 import atexit
 import logging
+import argparse
 import importlib
 import urllib.request
 
@@ -22,6 +23,29 @@ def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+class UserError(Exception):
+    """
+    A problem the user can fix (a damaged checkpoint, a resume step past the end, ...), with a message
+    that says how. A script started with compute_init prints it as one line, without a traceback.
+    """
+
+
+# Errors that scripts report as one line: ours, and a missing file or directory (the library names
+# the file and the step that creates it).
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def positive(kind):
+    """An argparse type for flags that must be > 0: type=positive(int) or type=positive(float)."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def print0(*args, **kwargs):
@@ -100,16 +124,18 @@ def get_max_memory_mb(device_type):
 def compute_init(device_type="", seed=42):
     """
     Seed, pick the device, and join the process group when launched by torchrun (nccl on CUDA, gloo on
-    CPU); a distributed run then leaves its group safely however it ends (see below).
+    CPU). From here on, a user error ends the script with one line instead of a traceback, and a
+    distributed run leaves its group safely however it ends (see below).
     Returns (ddp, rank, local_rank, world_size, device).
     """
+    sys.excepthook = _report_user_errors(sys.excepthook)
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "cpu", "mps"):
-        raise ValueError(f"--device-type must be cuda, cpu or mps (or empty to autodetect), got {device_type!r}")
+        raise UserError(f"--device-type must be cuda, cpu or mps (or empty to autodetect), got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type=cuda was requested but CUDA is not available; use --device-type=cpu")
+        raise UserError("--device-type=cuda was requested but CUDA is not available; use --device-type=cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
+        raise UserError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
 
     torch.manual_seed(seed)
     if device_type == "cuda":
@@ -139,6 +165,16 @@ def compute_init(device_type="", seed=42):
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     return ddp, rank, local_rank, world_size, device
+
+
+def _report_user_errors(print_traceback):
+    """An excepthook: a user error is one line (as argparse prints a bad flag), anything else a traceback."""
+    def excepthook(exc_type, exc_value, exc_traceback):
+        if issubclass(exc_type, USER_ERRORS):
+            print(f"{os.path.basename(sys.argv[0])}: error: {exc_value}", file=sys.stderr)
+        else:
+            print_traceback(exc_type, exc_value, exc_traceback)
+    return excepthook
 
 
 # Tearing down a distributed run. The process group owns background threads (gloo's worker loops) that
