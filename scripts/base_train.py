@@ -21,7 +21,7 @@ from nanochat.gpt import build_gpt, config_for_depth, check_config
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, check_resume_step, prune_checkpoints
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
@@ -63,6 +63,7 @@ parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE ev
 parser.add_argument("--core-metric-max-per-task", type=int, default=500)
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = never)")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
 parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir name (default d{depth})")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
 args = parser.parse_args()
@@ -144,6 +145,8 @@ total_tokens = args.total_batch_size * num_iterations
 print0(f"Batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} x "
        f"{world_size} ranks x {grad_accum_steps} accumulation steps")
 print0(f"Horizon: {num_iterations:,} steps, {total_tokens:,} tokens, {num_flops_per_token * total_tokens:e} FLOPs")
+if resuming:
+    check_resume_step(args.resume_from_step, num_iterations)
 
 # -----------------------------------------------------------------------------
 # Optimizer. LRs were tuned at 2^19 tokens/step: scale by sqrt(batch / 2^19) for other batch sizes.
@@ -209,6 +212,8 @@ def save(step, val_bpb):
             "dataloader_state_dict": dataloader_state, "loop_state": loop_state}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
     print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    if master_process and args.keep_last:
+        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
 
 
 # -----------------------------------------------------------------------------

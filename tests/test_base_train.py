@@ -127,3 +127,32 @@ def test_missing_tokenizer_or_data_fail_in_one_line(tiny_tokenizer, base_dir, tm
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     (tmp_path / "no_data").mkdir()
     assert "pretraining shard" in run_failing(TINY, base_dir, NANOCHAT_DATA_DIR=str(tmp_path / "no_data"))
+
+
+@pytest.mark.slow
+def test_resume_at_or_past_the_end_is_refused(trained_tokenizer_dir):
+    """It used to train forever (the loop stops only at step == num_iterations) with a negative LR."""
+    run(TINY + ["--num-iterations=2", "--eval-every=-1"], trained_tokenizer_dir)
+    ckpt = trained_tokenizer_dir / "base_checkpoints" / "d2"
+    before = {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)}
+    for num_iterations in (2, 1):  # at the end, and past it (there a zero-length warmdown divided by zero)
+        stderr = run_failing(TINY + [f"--num-iterations={num_iterations}", "--resume-from-step=2"], trained_tokenizer_dir)
+        assert f"Cannot resume from step 2: this run ends at step {num_iterations}" in stderr
+    assert {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)} == before  # the checkpoint is untouched
+
+
+@pytest.mark.slow
+def test_keep_last_bounds_the_checkpoints_on_disk(trained_tokenizer_dir):
+    ckpt = trained_tokenizer_dir / "base_checkpoints" / "d2"
+
+    def steps_on_disk():
+        return sorted({int(re.search(r"_(\d{6})", name).group(1)) for name in os.listdir(ckpt)})
+
+    run(TINY + ["--num-iterations=6", "--eval-every=-1", "--save-every=2", "--keep-last=2"], trained_tokenizer_dir)
+    assert steps_on_disk() == [4, 6]
+    assert sorted(os.listdir(ckpt)) == sorted(f"{kind}_{step:06d}{ext}" for step in (4, 6) for kind, ext in
+                                              [("model", ".pt"), ("meta", ".json"), ("optim", "_rank0.pt")])
+    # A resumed run never deletes the step it resumed from.
+    run(TINY + ["--num-iterations=8", "--eval-every=-1", "--save-every=2", "--keep-last=1", "--resume-from-step=4"],
+        trained_tokenizer_dir)
+    assert steps_on_disk() == [4, 8]
