@@ -15,6 +15,8 @@ which the schedules at the bottom scale.
 import torch
 import torch.distributed as dist
 
+from nanochat.common import UserError
+
 # Polar Express (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T. Each step's odd
 # polynomial is fit (minimax) to the singular-value range left by the previous one: the first ones
 # lift tiny singular values fast (a ~ 8), the last ones tighten the band around 1 (~[0.86, 1.14]).
@@ -298,7 +300,7 @@ class DistMuonAdamW(MuonAdamW):
     def load_state_dict(self, state_dict):
         saved_world_size, world_size = state_dict.get("world_size", 1), dist.get_world_size()
         if saved_world_size != world_size:
-            raise ValueError(
+            raise UserError(
                 f"This optimizer state was saved by {saved_world_size} ranks but {world_size} are running: "
                 f"each rank holds only its shard, so resume with --nproc_per_node={saved_world_size}."
             )

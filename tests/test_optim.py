@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat.common import UserError
 from nanochat.optim import (
     DistMuonAdamW,
     MuonAdamW,
@@ -232,7 +233,7 @@ def test_dist_muon_adamw_matches_single_process_under_torchrun(tmp_path):
 def test_dist_state_from_other_world_size_is_refused(monkeypatch):
     optimizer = DistMuonAdamW([dict(kind="adamw", params=[leaf(torch.randn(3))], lr=0.1, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)])
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(ValueError, match="nproc_per_node=1"):
+    with pytest.raises(UserError, match="nproc_per_node=1"):
         optimizer.load_state_dict({"state": {}, "param_groups": optimizer.param_groups, "world_size": 1})
 
 
