@@ -6,9 +6,10 @@ One checkpoint of step N in a directory (base_dir/<stage>_checkpoints/<model_tag
   optim_{N:06d}_rank{r}.pt    each rank's optimizer shard (optional; needed only to resume training)
   meta_{N:06d}.json           model config + training state (rank 0), written LAST
 Every file is written to a hidden temp name in the same directory, fsynced, then renamed into place, so
-a file under its final name is always whole. Because meta is written last, a checkpoint counts as
-complete exactly when its meta file exists; a crash mid-save leaves at most an incomplete newest step
-(ignored by find_last_step) and never touches earlier steps.
+a file under its final name is always whole. Because meta is written last (after every rank's optimizer
+shard), a checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at
+most an incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp
+files of a killed save are removed by the next save or load in that directory.
 """
 
 import dataclasses
@@ -17,11 +18,13 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 
 import torch
+import torch.distributed as dist
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, UserError
 
 logger = logging.getLogger("nanochat")
 
@@ -30,6 +33,9 @@ STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chat
 STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 
 MODEL_FILE_RE = re.compile(r"^model_(\d{6,})\.pt$")
+STEP_FILE_RE = re.compile(r"^(?:model_(\d{6,})\.pt|meta_(\d{6,})\.json|optim_(\d{6,})_rank\d+\.pt)$")
+# .model_000100.pt.<host>-<pid>.<random>.tmp: the writer's host and pid tell a dead save's leftovers apart
+TEMP_FILE_RE = re.compile(r"^\.(?:model|optim|meta)_.*\.(?P<host>\w+)-(?P<pid>\d+)\.\w+\.tmp$")
 
 
 def model_path(checkpoint_dir, step):
@@ -58,13 +64,19 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _host():
+    return re.sub(r"\W", "_", socket.gethostname())
+
+
 def atomic_write(path, write_fn):
     """
     Call write_fn(binary_file) on a temp file next to `path`, fsync it, then rename it over `path`.
-    The temp name starts with '.' and ends with '.tmp' so no checkpoint glob ever matches it.
+    The temp name starts with '.' and ends with '.tmp' so no checkpoint glob ever matches it, and names
+    this process (host, pid) so that remove_stale_temp_files can tell whether its writer is gone.
     """
     directory = os.path.dirname(path) or "."
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    prefix = f".{os.path.basename(path)}.{_host()}-{os.getpid()}."
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
@@ -78,9 +90,43 @@ def atomic_write(path, write_fn):
     _fsync_dir(directory)
 
 
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def remove_stale_temp_files(checkpoint_dir):
+    """
+    Delete the temp files that killed saves left in checkpoint_dir (a big model leaves one as big as
+    itself per kill). Only files whose writer is gone: written on this host by a process that no longer
+    exists. A live process's file (another rank saving right now) and files from other hosts (nodes
+    sharing the disk) are left alone.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        return
+    host = _host()
+    for name in os.listdir(checkpoint_dir):
+        match = TEMP_FILE_RE.match(name)
+        if match and match["host"] == host and not _process_alive(int(match["pid"])):
+            try:
+                os.remove(os.path.join(checkpoint_dir, name))
+                logger.info(f"Removed {name}, left in {checkpoint_dir} by an interrupted save")
+            except OSError:
+                pass  # another rank removed it first, or the directory is read-only: nothing to do
+
+
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Rank 0 writes model + meta, every rank writes its optimizer shard (when optimizer_data is not None)."""
+    """
+    Rank 0 writes model + meta, every rank writes its optimizer shard (when optimizer_data is not None;
+    under torchrun every rank must then call this: meta waits for all shards).
+    """
     os.makedirs(checkpoint_dir, exist_ok=True)
+    remove_stale_temp_files(checkpoint_dir)
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         # Re-saving a step: mark it incomplete first so a crash halfway never pairs old meta with new weights.
         os.remove(meta_path(checkpoint_dir, step))
@@ -88,27 +134,89 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
         atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every shard is on disk before meta declares the step complete
     if rank == 0:
         payload = json.dumps(meta_data, indent=2).encode("utf-8")
         atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(payload))
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_data, optimizer_data or None, meta_data)."""
+    """-> (model_data, optimizer_data or None, meta_data). A damaged file is a UserError naming it."""
+    remove_stale_temp_files(checkpoint_dir)
     if not os.path.exists(meta_path(checkpoint_dir, step)):
         raise FileNotFoundError(f"Checkpoint step {step} in {checkpoint_dir} is missing or incomplete "
                                 f"(no {os.path.basename(meta_path(checkpoint_dir, step))}); pick another --step")
-    model_data = torch.load(model_path(checkpoint_dir, step), map_location=device)
+    meta_data = _read_file(meta_path(checkpoint_dir, step), step, _read_json)
+    if not isinstance(meta_data, dict) or "model_config" not in meta_data:
+        raise _damaged(meta_path(checkpoint_dir, step), step, "has no model_config")
+    model_data = _read_file(model_path(checkpoint_dir, step), step, lambda path: torch.load(path, map_location=device))
     optimizer_data = None
     if load_optimizer:
         path = optim_path(checkpoint_dir, step, rank)
         if not os.path.exists(path):
             raise FileNotFoundError(f"No optimizer state for rank {rank} at {path}: resume needs the checkpoint of a "
                                     f"run with the same number of processes (or train without --resume-from-step)")
-        optimizer_data = torch.load(path, map_location=device)
-    with open(meta_path(checkpoint_dir, step), encoding="utf-8") as f:
-        meta_data = json.load(f)
+        optimizer_data = _read_file(path, step, lambda path: torch.load(path, map_location=device))
     return model_data, optimizer_data, meta_data
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_file(path, step, read):
+    """read(path), or a UserError naming the file when it is empty or cannot be parsed."""
+    if os.path.getsize(path) == 0:
+        raise _damaged(path, step, "is empty (0 bytes)")
+    try:
+        return read(path)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the device is full, the file may be fine
+    except Exception as e:  # torch.load alone raises EOFError, OSError, KeyError, UnpicklingError... on bad bytes
+        raise _damaged(path, step, f"cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _damaged(path, step, problem):
+    checkpoint_dir = os.path.dirname(path)
+    others = [s for s in complete_steps(checkpoint_dir) if s != step]
+    return UserError(f"Checkpoint file {path} {problem}, so step {step} cannot be loaded. Pick another step "
+                     f"(complete: {', '.join(map(str, others)) or 'none'}), or delete step {step}'s files "
+                     f"(*_{step:06d}*) from {checkpoint_dir}")
+
+
+def check_resume_step(resume_step, num_iterations):
+    """
+    Every stage that resumes calls this once its horizon is known: the loop runs from the resumed step
+    up to num_iterations, so a step at or past the end would never reach its last step.
+    """
+    if not 0 <= resume_step < num_iterations:
+        raise UserError(f"Cannot resume from step {resume_step}: this run ends at step {num_iterations}. Resume "
+                        f"from an earlier step, or train for more steps (--num-iterations > {resume_step})")
+
+
+def prune_checkpoints(checkpoint_dir, keep_last, keep_steps=()):
+    """
+    Keep the keep_last newest complete steps and keep_steps (e.g. the step this run resumed from), and
+    delete the files of every older step, meta first so that a step stops counting as complete before
+    its weights go. Call it on rank 0 once save_checkpoint has returned (the new step is then complete);
+    a step newer than the newest complete one (a save in progress) is never touched.
+    """
+    complete = complete_steps(checkpoint_dir)
+    if not complete:
+        return
+    kept = set(complete[-keep_last:]) | set(keep_steps)
+    files_by_step = {}
+    for name in os.listdir(checkpoint_dir):
+        if match := STEP_FILE_RE.match(name):
+            step = int(next(group for group in match.groups() if group is not None))
+            files_by_step.setdefault(step, []).append(name)
+    for step, names in sorted(files_by_step.items()):
+        if step < complete[-1] and step not in kept:
+            for name in sorted(names, key=lambda name: not name.startswith("meta_")):  # meta first
+                os.remove(os.path.join(checkpoint_dir, name))
+            logger.info(f"Removed checkpoint step {step} from {checkpoint_dir} (keeping the last {keep_last})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,16 +311,22 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag)))
 
 
-def find_last_step(checkpoint_dir):
-    """The largest step with a complete checkpoint (model and meta present); temp and partial files don't count."""
+def complete_steps(checkpoint_dir):
+    """Sorted steps with a complete checkpoint (model and meta present); temp and partial files don't count."""
     steps = []
     for path in glob.glob(os.path.join(checkpoint_dir, "model_*.pt")):
         match = MODEL_FILE_RE.match(os.path.basename(path))
         if match and os.path.exists(meta_path(checkpoint_dir, int(match.group(1)))):
             steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(checkpoint_dir):
+    """The largest step with a complete checkpoint."""
+    steps = complete_steps(checkpoint_dir)
     if not steps:
         raise FileNotFoundError(f"No complete checkpoint (model_*.pt + meta_*.json) in {checkpoint_dir}")
-    return max(steps)
+    return steps[-1]
 
 
 def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):

@@ -1,11 +1,15 @@
 """
-Things every stage needs: the base dir, distributed/device init, rank-0 printing, wandb stand-in,
-GPU peak FLOPs for MFU. Device and dtype decisions live here and nowhere else. (Where data comes
-from, and downloads: nanochat/datasource.py.)
+Things every stage needs: the base dir, distributed/device init and teardown, user errors and flag
+checks, rank-0 printing, wandb stand-in, GPU peak FLOPs for MFU. Device and dtype decisions live here
+and nowhere else. (Where data comes from, and downloads: nanochat/datasource.py.)
 """
 
 import os
+import sys
+import atexit
 import logging
+import argparse
+import importlib
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,29 @@ def get_base_dir():
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
+
+
+class UserError(Exception):
+    """
+    A problem the user can fix (a damaged checkpoint, a resume step past the end, ...), with a message
+    that says how. A script started with compute_init prints it as one line, without a traceback.
+    """
+
+
+# Errors that scripts report as one line: ours, and a missing file or directory (the library names
+# the file and the step that creates it).
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def positive(kind):
+    """An argparse type for flags that must be > 0: type=positive(int) or type=positive(float)."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def print0(*args, **kwargs):
@@ -82,16 +109,19 @@ def get_max_memory_mb(device_type):
 
 def compute_init(device_type="", seed=42):
     """
-    Seed, pick the device, and join the process group when launched by torchrun
-    (nccl on CUDA, gloo on CPU). Returns (ddp, rank, local_rank, world_size, device).
+    Seed, pick the device, and join the process group when launched by torchrun (nccl on CUDA, gloo on
+    CPU). From here on, a user error ends the script with one line instead of a traceback, and a
+    distributed run leaves its group safely however it ends (see below).
+    Returns (ddp, rank, local_rank, world_size, device).
     """
+    sys.excepthook = _report_user_errors(sys.excepthook)
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "cpu", "mps"):
-        raise ValueError(f"--device-type must be cuda, cpu or mps (or empty to autodetect), got {device_type!r}")
+        raise UserError(f"--device-type must be cuda, cpu or mps (or empty to autodetect), got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type=cuda was requested but CUDA is not available; use --device-type=cpu")
+        raise UserError("--device-type=cuda was requested but CUDA is not available; use --device-type=cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
+        raise UserError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
 
     torch.manual_seed(seed)
     if device_type == "cuda":
@@ -100,6 +130,13 @@ def compute_init(device_type="", seed=42):
         torch.backends.cudnn.allow_tf32 = True
 
     ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp:
+        # torch.distributed.nn binds the default group into its functions' default arguments when it is
+        # first imported (creating any optimizer imports it, through torch._dynamo). Imported after the
+        # group exists, it would keep the group, and its threads, alive past destroy_process_group
+        # (see the teardown notes below). Imported before, it binds None.
+        importlib.import_module("torch.distributed.nn")
+        atexit.register(_leave_process_group)
     if ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -116,8 +153,43 @@ def compute_init(device_type="", seed=42):
     return ddp, rank, local_rank, world_size, device
 
 
+def _report_user_errors(print_traceback):
+    """An excepthook: a user error is one line (as argparse prints a bad flag), anything else a traceback."""
+    def excepthook(exc_type, exc_value, exc_traceback):
+        if issubclass(exc_type, USER_ERRORS):
+            print(f"{os.path.basename(sys.argv[0])}: error: {exc_value}", file=sys.stderr)
+        else:
+            print_traceback(exc_type, exc_value, exc_traceback)
+    return excepthook
+
+
+# Tearing down a distributed run. The process group owns background threads (gloo's worker loops) that
+# hold the last references to finished collectives and their tensors. If they are still alive when the
+# interpreter finalizes, a worker that drops such a tensor needs the GIL, is told to exit instead, and
+# the C++ runtime aborts the process: SIGABRT, "terminate called without an active exception", after
+# all the work was done. So the group must be destroyed, and its threads joined, while the interpreter
+# is whole, on every way out: compute_cleanup() at the normal end, _leave_process_group at any other.
+
+def _leave_process_group():
+    """
+    atexit of a distributed run. After a clean exit that skipped compute_cleanup (sys.exit, parser.error),
+    leave the group. After an uncaught error (printed by now), leave the process at once with status 1:
+    tearing down could wait forever on a collective that the other ranks never join, and finalizing with
+    the group alive aborts, which hides the real error. torchrun then stops the other ranks.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if getattr(sys, "last_value", None) is not None:  # set when an uncaught exception was reported
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+
+
 def compute_cleanup():
+    """The normal end of a run: wait until every rank is done with its collectives, then leave the group."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ buffer. Passing it back as resume_state_dict restarts at this rank's next row gr
 (approximate resume: documents still in the buffer are skipped, none is repeated).
 """
 
+import atexit
 import bisect
 import queue
 import threading
@@ -144,7 +145,12 @@ def _document_batches(tokenizer, split, resume_state_dict, tokenizer_threads, to
 
 
 def _prefetched(make_iterator, depth):
-    """Run make_iterator() on a daemon thread, up to depth items ahead; its errors surface here."""
+    """
+    Run make_iterator() on a daemon thread, up to depth items ahead; its errors surface here. The thread
+    is stopped and joined when the generator is closed, and at the latest when the interpreter starts to
+    exit: a thread still inside pyarrow or the tokenizer when the interpreter finalizes is killed there,
+    and the C++ runtime aborts the process (SIGABRT, "terminate called without an active exception").
+    """
     items = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -165,15 +171,23 @@ def _prefetched(make_iterator, depth):
         except Exception as e:  # handed to the consumer, which raises it
             put((None, e))
 
-    threading.Thread(target=produce, daemon=True).start()
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+
+    def stop_producer():
+        stop.set()
+        producer.join()  # at most the item in progress
+
+    atexit.register(stop_producer)  # runs before finalization, while the thread can still finish its item
     try:
         while True:
             item, error = items.get()
             if error is not None:
                 raise error
             yield item
-    finally:
-        stop.set()  # the generator was closed or collected: let the producer thread end
+    finally:  # the generator was closed or collected
+        stop_producer()
+        atexit.unregister(stop_producer)
 
 
 def _token_batches(tokenizer, split, resume_state_dict, tokenizer_threads, tokenizer_batch_size):

@@ -15,6 +15,8 @@ which the schedules at the bottom scale.
 import torch
 import torch.distributed as dist
 
+from nanochat.common import UserError
+
 # Polar Express (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T. Each step's odd
 # polynomial is fit (minimax) to the singular-value range left by the previous one: the first ones
 # lift tiny singular values fast (a ~ 8), the last ones tighten the band around 1 (~[0.86, 1.14]).
@@ -298,7 +300,7 @@ class DistMuonAdamW(MuonAdamW):
     def load_state_dict(self, state_dict):
         saved_world_size, world_size = state_dict.get("world_size", 1), dist.get_world_size()
         if saved_world_size != world_size:
-            raise ValueError(
+            raise UserError(
                 f"This optimizer state was saved by {saved_world_size} ranks but {world_size} are running: "
                 f"each rank holds only its shard, so resume with --nproc_per_node={saved_world_size}."
             )
@@ -310,14 +312,17 @@ class DistMuonAdamW(MuonAdamW):
 
 
 def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, flat, then linear warmdown over the last warmdown_ratio of training to final_lr_frac."""
+    """
+    Linear warmup, flat, then linear warmdown over the last warmdown_ratio of training to final_lr_frac.
+    Past the end it holds the final value: a negative multiplier would be gradient ascent.
+    """
     warmup_iters = round(warmup_ratio * num_iterations)
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step < warmup_iters:
         return (step + 1) / warmup_iters
-    if step <= num_iterations - warmdown_iters:
+    if warmdown_iters == 0 or step <= num_iterations - warmdown_iters:
         return 1.0
-    progress = (num_iterations - step) / warmdown_iters  # 1 -> 0 across the warmdown
+    progress = max(0.0, (num_iterations - step) / warmdown_iters)  # 1 -> 0 across the warmdown
     return progress + (1 - progress) * final_lr_frac
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from nanochat.checkpoint_manager import STAGE_DIRS, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0, print_banner
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
 
@@ -26,11 +26,9 @@ parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(S
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task, a fixed random subset (-1 = all)")
-parser.add_argument("--batch-size", type=int, default=16, help="rows (prompts) per forward pass")
+parser.add_argument("--batch-size", type=positive(int), default=16, help="rows (prompts) per forward pass")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
-if args.batch_size < 1:
-    parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
 
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)

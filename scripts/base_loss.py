@@ -10,7 +10,7 @@ Writes the "Base model loss" report section.
 import argparse
 
 from nanochat.checkpoint_manager import STAGE_DIRS, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0, print_banner
+from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0, print_banner, positive
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -21,13 +21,11 @@ parser = argparse.ArgumentParser(description="bpb on train/val and samples of a 
 parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens evaluated per split")
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass")
+parser.add_argument("--split-tokens", type=positive(int), default=40 * 524288, help="tokens evaluated per split")
+parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditioned samples to print")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
-if args.split_tokens <= 0 or args.device_batch_size <= 0:
-    parser.error("--split-tokens and --device-batch-size must be positive")
 
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)

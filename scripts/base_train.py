@@ -16,12 +16,12 @@ import torch
 
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
                              get_base_dir, get_peak_flops, get_device_name, get_max_memory_mb, init_wandb,
-                             format_duration)
-from nanochat.gpt import build_gpt, config_for_depth
+                             format_duration, positive)
+from nanochat.gpt import build_gpt, config_for_depth, check_config
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, check_resume_step, prune_checkpoints
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
@@ -32,24 +32,24 @@ parser = argparse.ArgumentParser(description="Pretrain a base model")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 # model size
-parser.add_argument("--depth", type=int, default=20, help="number of Transformer layers: the one complexity dial")
-parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
-parser.add_argument("--head-dim", type=int, default=128)
-parser.add_argument("--max-seq-len", type=int, default=2048)
+parser.add_argument("--depth", type=positive(int), default=20, help="number of Transformer layers: the one complexity dial")
+parser.add_argument("--aspect-ratio", type=positive(int), default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
+parser.add_argument("--head-dim", type=positive(int), default=128)
+parser.add_argument("--max-seq-len", type=positive(int), default=2048)
 parser.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern over layers: L=full, S=half context")
 # training horizon, in order of precedence
 parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1 = derive)")
 parser.add_argument("--target-flops", type=float, default=-1.0, help="compute budget in FLOPs (-1 = use the data ratio)")
 parser.add_argument("--target-param-data-ratio", type=float, default=10.5, help="tokens per scaling parameter (Chinchilla ~20)")
 # batch
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per device")
-parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass per device")
+parser.add_argument("--total-batch-size", type=positive(int), default=524288, help="tokens per optimizer step, all ranks")
 # optimizer
-parser.add_argument("--embedding-lr", type=float, default=0.3)
-parser.add_argument("--unembedding-lr", type=float, default=0.004)
+parser.add_argument("--embedding-lr", type=positive(float), default=0.3)
+parser.add_argument("--unembedding-lr", type=positive(float), default=0.004)
 parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon weight decay at depth 12; scaled by (12/depth)^2")
-parser.add_argument("--matrix-lr", type=float, default=0.02)
-parser.add_argument("--scalar-lr", type=float, default=0.5)
+parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
+parser.add_argument("--scalar-lr", type=positive(float), default=0.5)
 parser.add_argument("--adam-beta1", type=float, default=0.8)
 parser.add_argument("--adam-beta2", type=float, default=0.95)
 parser.add_argument("--warmup-ratio", type=float, default=0.0)
@@ -58,11 +58,12 @@ parser.add_argument("--final-lr-frac", type=float, default=0.0)
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
 # evaluation and checkpoints
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
-parser.add_argument("--eval-tokens", type=int, default=10485760, help="tokens of the val split per bpb evaluation")
+parser.add_argument("--eval-tokens", type=positive(int), default=10485760, help="tokens of the val split per bpb evaluation")
 parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1 = never, 0 = only at the end)")
 parser.add_argument("--core-metric-max-per-task", type=int, default=500)
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = never)")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
 parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir name (default d{depth})")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
 args = parser.parse_args()
@@ -73,13 +74,12 @@ def fail(message):
     parser.error(message)
 
 
-for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
-    if getattr(args, name) <= 0:
-        fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
     fail(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
 if not (0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1):
     fail("--warmup-ratio and --warmdown-ratio must be >= 0 and sum to at most 1")
+if args.final_lr_frac < 0:
+    fail(f"--final-lr-frac must be >= 0 (a negative LR would be gradient ascent), got {args.final_lr_frac}")
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -98,6 +98,10 @@ token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 
 config = config_for_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.window_pattern)
+try:
+    check_config(config)
+except ValueError as e:
+    fail(f"--depth={args.depth} --aspect-ratio={args.aspect_ratio} --head-dim={args.head_dim} make no valid model: {e}")
 model = build_gpt(config, device)
 
 model_tag = args.model_tag or f"d{args.depth}"
@@ -141,6 +145,8 @@ total_tokens = args.total_batch_size * num_iterations
 print0(f"Batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} x "
        f"{world_size} ranks x {grad_accum_steps} accumulation steps")
 print0(f"Horizon: {num_iterations:,} steps, {total_tokens:,} tokens, {num_flops_per_token * total_tokens:e} FLOPs")
+if resuming:
+    check_resume_step(args.resume_from_step, num_iterations)
 
 # -----------------------------------------------------------------------------
 # Optimizer. LRs were tuned at 2^19 tokens/step: scale by sqrt(batch / 2^19) for other batch sizes.
@@ -206,6 +212,8 @@ def save(step, val_bpb):
             "dataloader_state_dict": dataloader_state, "loop_state": loop_state}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
     print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    if master_process and args.keep_last:
+        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
 
 
 # -----------------------------------------------------------------------------

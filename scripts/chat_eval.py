@@ -21,7 +21,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, autocast_ctx, get_dist_info, get_base_dir
+from nanochat.common import compute_init, compute_cleanup, print0, autocast_ctx, get_dist_info, get_base_dir, positive
 from nanochat.checkpoint_manager import load_model, find_largest_model, STAGE_DIRS
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -132,14 +132,14 @@ def main():
     parser.add_argument("-i", "--source", type=str, required=True, choices=["mid", "sft", "rl"],
                         help="which checkpoint stage to evaluate")
     parser.add_argument("-a", "--task-name", type=str, default="", help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
-    parser.add_argument("--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
+    parser.add_argument("--max-problems", type=positive(int), default=None, help="evaluate at most this many problems per task")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward in categorical tasks")
+    parser.add_argument("-b", "--batch-size", type=positive(int), default=8, help="problems per forward in categorical tasks")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50)
-    parser.add_argument("-n", "--num-samples", type=int, default=1, help="completions per generative problem (pass@n)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512)
+    parser.add_argument("-n", "--num-samples", type=positive(int), default=1, help="completions per generative problem (pass@n)")
+    parser.add_argument("-m", "--max-new-tokens", type=positive(int), default=512)
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
     args = parser.parse_args()
     task_names = parse_task_names(args.task_name)

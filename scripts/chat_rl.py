@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
-                             get_base_dir, get_max_memory_mb, init_wandb, format_duration)
+                             get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
@@ -38,29 +38,26 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (e
 parser.add_argument("-i", "--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint stage to start from")
 parser.add_argument("--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
 parser.add_argument("--step", type=int, default=None, help="step to start from (default: the last)")
-parser.add_argument("--num-epochs", type=int, default=1, help="passes over the GSM8K train questions")
+parser.add_argument("--num-epochs", type=positive(int), default=1, help="passes over the GSM8K train questions")
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps to train (-1 = --num-epochs passes)")
-parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks")
-parser.add_argument("--num-samples", type=int, default=16, help="sampled answers per question")
-parser.add_argument("--device-batch-size", type=int, default=8, help="rows per sampling batch and per forward/backward")
-parser.add_argument("--max-new-tokens", type=int, default=256)
+parser.add_argument("--examples-per-step", type=positive(int), default=16, help="questions per optimizer step, all ranks")
+parser.add_argument("--num-samples", type=positive(int), default=16, help="sampled answers per question")
+parser.add_argument("--device-batch-size", type=positive(int), default=8, help="rows per sampling batch and per forward/backward")
+parser.add_argument("--max-new-tokens", type=positive(int), default=256)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=50)
-parser.add_argument("--embedding-lr", type=float, default=0.2)
-parser.add_argument("--unembedding-lr", type=float, default=0.004)
-parser.add_argument("--matrix-lr", type=float, default=0.02)
-parser.add_argument("--init-lr-frac", type=float, default=0.05, help="RL starts at this fraction of the base LRs")
+parser.add_argument("--embedding-lr", type=positive(float), default=0.2)
+parser.add_argument("--unembedding-lr", type=positive(float), default=0.004)
+parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
+parser.add_argument("--init-lr-frac", type=positive(float), default=0.05, help="RL starts at this fraction of the base LRs")
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1 = only at the end)")
-parser.add_argument("--eval-examples", type=int, default=400, help="GSM8K test questions per evaluation")
-parser.add_argument("--eval-samples", type=int, default=4, help="k of pass@k: answers sampled per eval question")
+parser.add_argument("--eval-examples", type=positive(int), default=400, help="GSM8K test questions per evaluation")
+parser.add_argument("--eval-samples", type=positive(int), default=4, help="k of pass@k: answers sampled per eval question")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
-for name in ("num_epochs", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens", "eval_samples"):
-    if getattr(args, name) <= 0:
-        parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
 # -----------------------------------------------------------------------------
 print_banner()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
-                             get_base_dir, get_max_memory_mb, init_wandb, format_duration)
+                             get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
 from nanochat.dataloader import BestFitPacker, BatchStager
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
@@ -44,26 +44,23 @@ parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('d
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--model-tag", type=str, default=None, help="base model tag to start from (default: the largest)")
 parser.add_argument("--step", type=int, default=None, help="base model step to start from (default: the last)")
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per device")
-parser.add_argument("--max-seq-len", type=int, default=2048)
-parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass per device")
+parser.add_argument("--max-seq-len", type=positive(int), default=2048)
+parser.add_argument("--total-batch-size", type=positive(int), default=524288, help="tokens per optimizer step, all ranks")
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps to train (-1 = one pass over the mixture)")
-parser.add_argument("--embedding-lr", type=float, default=0.2)
-parser.add_argument("--unembedding-lr", type=float, default=0.004)
-parser.add_argument("--matrix-lr", type=float, default=0.02)
-parser.add_argument("--init-lr-frac", type=float, default=1.0, help="start at this fraction of the base LRs")
+parser.add_argument("--embedding-lr", type=positive(float), default=0.2)
+parser.add_argument("--unembedding-lr", type=positive(float), default=0.004)
+parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
+parser.add_argument("--init-lr-frac", type=positive(float), default=1.0, help="start at this fraction of the base LRs")
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="LR decays linearly to 0 over this last fraction")
 parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1 = only at the end)")
-parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
+parser.add_argument("--eval-tokens", type=positive(int), default=20 * 524288, help="val tokens per evaluation")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
-for name in ("device_batch_size", "max_seq_len", "total_batch_size", "eval_tokens"):
-    if getattr(args, name) <= 0:
-        parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
 # -----------------------------------------------------------------------------
 print_banner()

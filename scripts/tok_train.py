@@ -10,23 +10,16 @@ import argparse
 import os
 import time
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, positive
 from nanochat.dataset import parquets_iter_batched, split_files
 from nanochat.report import get_report
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 
-def positive_int(value):
-    number = int(value)  # accepts 2_000_000_000
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
 parser = argparse.ArgumentParser(description="Train the BPE tokenizer")
-parser.add_argument("--max-chars", type=positive_int, default=2_000_000_000, help="train on at most this many characters")
-parser.add_argument("--doc-cap", type=positive_int, default=10_000, help="use at most this many characters of each document")
-parser.add_argument("--vocab-size", type=positive_int, default=32768, help="vocabulary size, special tokens included")
+parser.add_argument("--max-chars", type=positive(int), default=2_000_000_000, help="train on at most this many characters")
+parser.add_argument("--doc-cap", type=positive(int), default=10_000, help="use at most this many characters of each document")
+parser.add_argument("--vocab-size", type=positive(int), default=32768, help="vocabulary size, special tokens included")
 args = parser.parse_args()
 min_vocab_size = 256 + len(SPECIAL_TOKENS)
 if args.vocab_size < min_vocab_size:

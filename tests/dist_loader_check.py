@@ -11,12 +11,12 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nanochat.common import compute_init, compute_cleanup
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.dataset import iter_row_groups
 from nanochat.tokenizer import RustBPETokenizer
 
-dist.init_process_group(backend="gloo")
-rank, world_size = dist.get_rank(), dist.get_world_size()
+_, rank, _, world_size, _ = compute_init("cpu")
 tokenizer = RustBPETokenizer.from_directory(sys.argv[1])
 bos = tokenizer.get_bos_token_id()
 
@@ -40,5 +40,4 @@ if rank == 0:
     assert groups0 | groups1 <= all_groups
     assert docs0 and docs1 and not docs0 & docs1, "a document reached both ranks"
     print(f"rank 0 ok: row groups {sorted(groups0)} vs {sorted(groups1)}, {len(docs0)} + {len(docs1)} documents, disjoint")
-dist.barrier()
-dist.destroy_process_group()
+compute_cleanup()

@@ -10,9 +10,9 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.common import compute_init, compute_cleanup
 from nanochat.optim import DistMuonAdamW, MuonAdamW, apply_schedules, get_lr_multiplier
 
 GLOBAL_BATCH = 16
@@ -78,8 +78,7 @@ def train_step(params, optimizer, step, rank_slice):
 
 def main():
     out_dir = sys.argv[1]
-    dist.init_process_group("gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    _, rank, _, world_size, _ = compute_init("cpu")
     assert world_size == 2, "run with --nproc_per_node=2"
     half = GLOBAL_BATCH // world_size
     my_half = slice(rank * half, (rank + 1) * half)
@@ -110,7 +109,7 @@ def main():
     for resumed, original in zip(flat(saved_params), flat(dist_params)):
         assert torch.equal(resumed, original), "resumed DistMuonAdamW trajectory differs"
     print(f"rank {rank}: resume from per-rank state is exact", flush=True)
-    dist.destroy_process_group()
+    compute_cleanup()
 
 
 if __name__ == "__main__":

@@ -98,9 +98,61 @@ def test_two_ranks_agree_with_grad_accumulation(trained_tokenizer_dir, tmp_path)
         assert d[step] == pytest.approx(s[step], rel=0.03), step
 
 
-def test_bad_flags_fail_clearly(trained_tokenizer_dir):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(trained_tokenizer_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA)}
-    cmd = [sys.executable, "-m", "scripts.base_train", *TINY, "--total-batch-size=1000"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+def run_failing(args, base_dir, **env):
+    """Run base_train expecting a user error: -> its stderr, after checking it holds no traceback."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
+           "OMP_NUM_THREADS": "1", **env}
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert "must be a multiple of" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("base_train.py: error: "), result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--total-batch-size=1000"], "must be a multiple of"),
+    (["--matrix-lr=0"], "argument --matrix-lr: must be positive, got 0"),
+    (["--embedding-lr=-0.1"], "argument --embedding-lr: must be positive, got -0.1"),
+    (["--device-batch-size=-4"], "argument --device-batch-size: must be positive, got -4"),
+    (["--head-dim=63"], "--head-dim=63 make no valid model: n_embd (189) must split into n_head (3) heads of even size"),
+    (["--final-lr-frac=-0.5"], "--final-lr-frac must be >= 0"),
+], ids=["batch-not-a-multiple", "zero-lr", "negative-lr", "negative-batch", "odd-head-size", "negative-final-lr"])
+def test_bad_flags_fail_in_one_line(trained_tokenizer_dir, flags, message):
+    assert message in run_failing(TINY + flags, trained_tokenizer_dir)
+
+
+def test_missing_tokenizer_or_data_fail_in_one_line(tiny_tokenizer, base_dir, tmp_path):
+    assert "No tokenizer at" in run_failing(TINY, base_dir)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    (tmp_path / "no_data").mkdir()
+    assert "pretraining shard" in run_failing(TINY, base_dir, NANOCHAT_DATA_DIR=str(tmp_path / "no_data"))
+
+
+@pytest.mark.slow
+def test_resume_at_or_past_the_end_is_refused(trained_tokenizer_dir):
+    """It used to train forever (the loop stops only at step == num_iterations) with a negative LR."""
+    run(TINY + ["--num-iterations=2", "--eval-every=-1"], trained_tokenizer_dir)
+    ckpt = trained_tokenizer_dir / "base_checkpoints" / "d2"
+    before = {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)}
+    for num_iterations in (2, 1):  # at the end, and past it (there a zero-length warmdown divided by zero)
+        stderr = run_failing(TINY + [f"--num-iterations={num_iterations}", "--resume-from-step=2"], trained_tokenizer_dir)
+        assert f"Cannot resume from step 2: this run ends at step {num_iterations}" in stderr
+    assert {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)} == before  # the checkpoint is untouched
+
+
+@pytest.mark.slow
+def test_keep_last_bounds_the_checkpoints_on_disk(trained_tokenizer_dir):
+    ckpt = trained_tokenizer_dir / "base_checkpoints" / "d2"
+
+    def steps_on_disk():
+        return sorted({int(re.search(r"_(\d{6})", name).group(1)) for name in os.listdir(ckpt)})
+
+    run(TINY + ["--num-iterations=6", "--eval-every=-1", "--save-every=2", "--keep-last=2"], trained_tokenizer_dir)
+    assert steps_on_disk() == [4, 6]
+    assert sorted(os.listdir(ckpt)) == sorted(f"{kind}_{step:06d}{ext}" for step in (4, 6) for kind, ext in
+                                              [("model", ".pt"), ("meta", ".json"), ("optim", "_rank0.pt")])
+    # A resumed run never deletes the step it resumed from.
+    run(TINY + ["--num-iterations=8", "--eval-every=-1", "--save-every=2", "--keep-last=1", "--resume-from-step=4"],
+        trained_tokenizer_dir)
+    assert steps_on_disk() == [4, 8]

@@ -1,12 +1,17 @@
-"""Checkpoints: exact round-trips, crash safety of saves, older-checkpoint patching, finding the right checkpoint."""
+"""Checkpoints: exact round-trips, crash safety of saves (kill -9 included), damaged files, cleanup and pruning,
+older-checkpoint patching, finding the right checkpoint."""
 import dataclasses
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from nanochat import checkpoint_manager as cm
+from nanochat.common import UserError
 from nanochat.gpt import GPTConfig, build_gpt
 
 
@@ -189,3 +194,130 @@ def test_load_model_errors_say_what_to_run(base_dir):
         cm.load_model("rl", "cpu", phase="eval")
     with pytest.raises(ValueError, match="source must be one of"):
         cm.load_model("pretrain", "cpu", phase="eval")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damaged files, temp files of killed saves, pruning, resume steps
+
+def two_steps(checkpoint_dir, model):
+    for step in (1, 2):
+        cm.save_checkpoint(checkpoint_dir, step, model.state_dict(), {"x": torch.ones(2)}, meta_for(model, step))
+
+
+@pytest.mark.parametrize("name, damage", [
+    pytest.param("model_000002.pt", lambda data: b"", id="model-empty"),
+    pytest.param("model_000002.pt", lambda data: data[: len(data) // 2], id="model-cut-short"),
+    pytest.param("model_000002.pt", lambda data: bytes(len(data)), id="model-zeroed"),
+    pytest.param("optim_000002_rank0.pt", lambda data: b"", id="optim-empty"),
+    pytest.param("meta_000002.json", lambda data: b"", id="meta-empty"),
+    pytest.param("meta_000002.json", lambda data: data[:-10], id="meta-cut-short"),
+    pytest.param("meta_000002.json", lambda data: b'{"step": 2}', id="meta-without-model-config"),
+])
+def test_damaged_file_is_a_named_error(setup, name, damage):
+    model, checkpoint_dir = setup
+    two_steps(checkpoint_dir, model)
+    path = os.path.join(checkpoint_dir, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(data))
+    with pytest.raises(UserError) as info:
+        cm.load_checkpoint(checkpoint_dir, 2, "cpu", load_optimizer=True)
+    message = str(info.value)
+    assert path in message and "step 2 cannot be loaded" in message and "(complete: 1)" in message, message
+    assert "\n" not in message
+    cm.load_checkpoint(checkpoint_dir, 1, "cpu", load_optimizer=True)  # the other step is untouched
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_stale_temp_files_are_removed(setup):
+    model, checkpoint_dir = setup
+    os.makedirs(checkpoint_dir)
+    host = cm._host()
+    stale = [f".model_000004.pt.{host}-{dead_pid()}.k2j4_x.tmp", f".optim_000004_rank1.pt.{host}-{dead_pid()}.a1.tmp",
+             f".meta_000004.json.{host}-{dead_pid()}.zz9.tmp"]
+    kept = [f".model_000005.pt.{host}-{os.getpid()}.abc.tmp",  # a live writer: this process
+            f".model_000005.pt.{host}-{os.getppid()}.abc.tmp",
+            f".model_000004.pt.other_node-{dead_pid()}.abc.tmp",  # another host's: its pid means nothing here
+            "notes.txt"]
+    for name in stale + kept:
+        open(os.path.join(checkpoint_dir, name), "wb").close()
+    cm.save_checkpoint(checkpoint_dir, 6, model.state_dict(), None, meta_for(model, 6))
+    assert sorted(os.listdir(checkpoint_dir)) == sorted(kept + ["model_000006.pt", "meta_000006.json"])
+    for name in stale:  # a load cleans up too
+        open(os.path.join(checkpoint_dir, name), "wb").close()
+    cm.load_checkpoint(checkpoint_dir, 6, "cpu")
+    assert sorted(os.listdir(checkpoint_dir)) == sorted(kept + ["model_000006.pt", "meta_000006.json"])
+
+
+# A process that saves step 1, then blocks while pickling step 2's `which` file: its temp file exists
+# (torch.save writes once the pickle is done) when the test kills the process with SIGKILL.
+KILLED_SAVE_SCRIPT = """
+import sys, time, torch
+from nanochat import checkpoint_manager as cm
+
+class BlockWhilePickled:
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(600)
+
+checkpoint_dir, which = sys.argv[1], sys.argv[2]
+meta = {"step": 1, "model_config": {}}
+cm.save_checkpoint(checkpoint_dir, 1, {"w": torch.arange(1000.0)}, {"m": torch.ones(3)}, meta)
+model_data = {"w": torch.zeros(1000), "block": BlockWhilePickled() if which == "model" else None}
+optim_data = {"m": torch.zeros(3), "block": BlockWhilePickled() if which == "optim" else None}
+cm.save_checkpoint(checkpoint_dir, 2, model_data, optim_data, dict(meta, step=2))
+"""
+
+
+@pytest.mark.parametrize("which", ["model", "optim"])
+def test_kill_during_save_keeps_previous_step_and_next_start_cleans_up(tmp_path, which):
+    checkpoint_dir = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE_SCRIPT, str(checkpoint_dir), which], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+    finally:
+        child.kill()  # SIGKILL: no handler, no cleanup
+        child.wait()
+    temp_files = [name for name in os.listdir(checkpoint_dir) if name.endswith(".tmp")]
+    assert len(temp_files) == 1 and temp_files[0].startswith(f".{which}_000002"), os.listdir(checkpoint_dir)
+    assert cm.find_last_step(str(checkpoint_dir)) == 1
+    model_data, optim_data, meta = cm.load_checkpoint(str(checkpoint_dir), 1, "cpu", load_optimizer=True)
+    assert torch.equal(model_data["w"], torch.arange(1000.0)) and torch.equal(optim_data["m"], torch.ones(3))
+    assert not any(name.endswith(".tmp") for name in os.listdir(checkpoint_dir))  # the load removed it
+
+
+def test_prune_keeps_newest_steps_and_the_resumed_one(tmp_path, monkeypatch):
+    checkpoint_dir = str(tmp_path)
+    for step in range(1, 7):
+        cm.save_checkpoint(checkpoint_dir, step, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": step})
+    os.remove(cm.meta_path(checkpoint_dir, 3))  # an older step left incomplete by a crash
+    os.remove(cm.meta_path(checkpoint_dir, 6))  # a newer one still being saved
+    open(os.path.join(checkpoint_dir, f".model_000007.pt.{cm._host()}-{os.getpid()}.x.tmp"), "wb").close()
+    removed = []
+    real_remove = os.remove
+    monkeypatch.setattr(os, "remove", lambda path: (removed.append(os.path.basename(path)), real_remove(path)))
+    cm.prune_checkpoints(checkpoint_dir, keep_last=2, keep_steps=[1])
+    assert cm.complete_steps(checkpoint_dir) == [1, 4, 5]
+    assert sorted(os.listdir(checkpoint_dir)) == sorted(
+        [f"{kind}_{step:06d}{ext}" for step in (1, 4, 5) for kind, ext in [("model", ".pt"), ("meta", ".json"),
+                                                                           ("optim", "_rank0.pt")]]
+        + ["model_000006.pt", "optim_000006_rank0.pt", f".model_000007.pt.{cm._host()}-{os.getpid()}.x.tmp"])
+    assert sorted(removed) == ["meta_000002.json", "model_000002.pt", "model_000003.pt", "optim_000002_rank0.pt",
+                               "optim_000003_rank0.pt"]
+    assert removed.index("meta_000002.json") < removed.index("model_000002.pt")  # incomplete before it goes
+
+
+def test_resume_step_must_be_before_the_end():
+    cm.check_resume_step(0, 5)
+    cm.check_resume_step(4, 5)
+    for step in (5, 9, -2):
+        with pytest.raises(UserError, match=f"Cannot resume from step {step}: this run ends at step 5"):
+            cm.check_resume_step(step, 5)

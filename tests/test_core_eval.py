@@ -289,16 +289,17 @@ def test_evaluate_task_sums_over_ranks(tiny_tokenizer, tmp_path):
     (tmp_path / "data.json").write_text(json.dumps({"task": task, "data": data}))
     script = tmp_path / "dist_core.py"
     script.write_text(textwrap.dedent(f"""
-        import json, torch.distributed as dist
+        import json
+        from nanochat.common import compute_init, compute_cleanup
         from nanochat.core_eval import evaluate_task
         from nanochat.tokenizer import RustBPETokenizer
         from tests.test_core_eval import tiny_gpt
-        dist.init_process_group("gloo")
+        _, rank, _, _, _ = compute_init("cpu")
         tokenizer = RustBPETokenizer.from_directory({str(tmp_path / "tok")!r})
         spec = json.load(open({str(tmp_path / "data.json")!r}))
         accuracy = evaluate_task(tiny_gpt(tokenizer.get_vocab_size()), tokenizer, spec["data"], "cpu", spec["task"])
-        print(f"RANK {{dist.get_rank()}} ACC {{accuracy!r}}")
-        dist.destroy_process_group()
+        print(f"RANK {{rank}} ACC {{accuracy!r}}")
+        compute_cleanup()
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],

@@ -287,6 +287,33 @@ def test_batch_stager_one_buffer_fresh_per_batch(device):
         assert stager.staging.is_pinned()
 
 
+# A script that exits with a loader still open (as base_train does). The report hook is registered first,
+# so it runs after the loader's own exit hook (atexit is last-in first-out).
+OPEN_LOADER_AT_EXIT = """
+import atexit, sys, threading
+from nanochat.tokenizer import RustBPETokenizer
+from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+
+def report():
+    print(f"daemon threads at exit: {[t.name for t in threading.enumerate() if t.daemon]}", flush=True)
+
+atexit.register(report)
+tokenizer = RustBPETokenizer.from_directory(sys.argv[1])
+loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, 2, 64, "val", buffer_size=10)
+next(loader)  # the producer thread now reads and tokenizes ahead
+"""
+
+
+def test_loader_thread_is_stopped_before_interpreter_exit(shared_data, tiny_tokenizer, tmp_path):
+    """A producer thread still inside pyarrow when the interpreter finalizes aborted the process (SIGABRT)."""
+    tiny_tokenizer.save(str(tmp_path / "tokenizer"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", OPEN_LOADER_AT_EXIT, str(tmp_path / "tokenizer")], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "daemon threads at exit: []" in result.stdout, result.stdout
+
+
 @pytest.mark.slow
 def test_ranks_disjoint_under_torchrun(test_data, tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))

@@ -90,16 +90,15 @@ def test_bpb_sums_over_ranks(tmp_path):
     """Two gloo ranks with one batch each give the single-process result over both batches."""
     script = tmp_path / "dist_bpb.py"
     script.write_text(textwrap.dedent("""
-        import sys, torch, torch.distributed as dist
         from tests.test_loss_eval import make_model, make_token_bytes, make_batches
+        from nanochat.common import compute_init, compute_cleanup
         from nanochat.loss_eval import evaluate_bpb
-        dist.init_process_group("gloo")
-        rank = dist.get_rank()
+        _, rank, _, _, _ = compute_init("cpu")
         batches = make_batches(seed=3, num_batches=2)
         bpb = evaluate_bpb(make_model(), iter(batches[rank:rank + 1]), 1, make_token_bytes())
         if rank == 0:
             print(f"BPB {bpb!r}")
-        dist.destroy_process_group()
+        compute_cleanup()
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat.common import UserError
 from nanochat.optim import (
     DistMuonAdamW,
     MuonAdamW,
@@ -232,7 +233,7 @@ def test_dist_muon_adamw_matches_single_process_under_torchrun(tmp_path):
 def test_dist_state_from_other_world_size_is_refused(monkeypatch):
     optimizer = DistMuonAdamW([dict(kind="adamw", params=[leaf(torch.randn(3))], lr=0.1, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)])
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(ValueError, match="nproc_per_node=1"):
+    with pytest.raises(UserError, match="nproc_per_node=1"):
         optimizer.load_state_dict({"state": {}, "param_groups": optimizer.param_groups, "world_size": 1})
 
 
@@ -260,6 +261,20 @@ def test_schedules_against_hand_values():
     adamw, muon = optimizer.param_groups
     assert adamw["lr"] == pytest.approx(0.005) and adamw["weight_decay"] == 0.01  # AdamW decay untouched
     assert muon["lr"] == pytest.approx(0.01) and muon["momentum"] == 0.9 and muon["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2, 3, 7, 100])
+@pytest.mark.parametrize("warmup_ratio, warmdown_ratio, final_lr_frac",
+                         [(0.0, 0.4, 0.0), (0.1, 0.4, 0.2), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.5, 0.5, 0.1)])
+def test_schedules_stay_in_range_and_hold_past_the_end(num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Over the whole run and far past its end (a resumed run, a miscounted horizon): never negative."""
+    steps = range(3 * num_iterations + 2)
+    lrms = [get_lr_multiplier(s, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac) for s in steps]
+    assert all(0.0 <= lrm <= 1.0 for lrm in lrms), lrms
+    has_warmdown = round(warmdown_ratio * num_iterations) > 0
+    assert lrms[num_iterations:] == [pytest.approx(final_lr_frac if has_warmdown else 1.0)] * (len(lrms) - num_iterations)
+    decays = [get_weight_decay(s, num_iterations, 0.2) for s in steps]
+    assert all(0.0 <= wd <= 0.2 for wd in decays) and decays[num_iterations:] == [0.0] * (len(decays) - num_iterations)
 
 
 # ------------------------------------------------------------------ CUDA

@@ -287,7 +287,7 @@ def run_script(module, *flags):
 
 @pytest.mark.parametrize("flags, message", [
     (["--vocab-size=264"], "--vocab-size must be at least 265"),
-    (["--max-chars=0"], "must be a positive integer"),
+    (["--max-chars=0"], "argument --max-chars: must be positive, got 0"),
 ])
 def test_tok_train_rejects_bad_flags(base_dir, monkeypatch, capsys, flags, message):
     # in-process (argparse exits before any work), so no interpreter start-up per case

@@ -1,0 +1,110 @@
+"""
+nanochat/common.py: a distributed run tears down in a safe order on every way out. Each case runs
+for real under torchrun (2 ranks, gloo on CPU).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_torchrun(tmp_path, script, timeout=120):
+    """-> (exit status, output) of `script` on 2 ranks; on a timeout the launcher and its ranks are stopped."""
+    path = tmp_path / "worker.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(path)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        output, _ = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher.terminate()  # torchrun then stops its ranks (each runs in its own session: killing it would not)
+        launcher.communicate(timeout=60)
+        raise
+    return launcher.returncode, output
+
+
+# Creating an optimizer imports torch._dynamo, which imports torch.distributed.nn: imported after the
+# group exists, that module kept the group (and gloo's worker threads) alive past destroy_process_group,
+# and the threads could then abort the process at interpreter exit.
+GLOO_THREADS_SCRIPT = """
+import os
+import torch, torch.distributed as dist
+from nanochat.common import compute_init, compute_cleanup
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+    return sorted(name for name in names if "gloo" in name)
+
+ddp, rank, _, world_size, device = compute_init("cpu")
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+gathered = [torch.empty(4) for _ in range(world_size)]
+dist.all_gather(gathered, torch.full((4,), float(rank)))
+assert [g[0].item() for g in gathered] == [0.0, 1.0]
+assert gloo_threads(), "expected gloo threads while the group is alive"
+compute_cleanup()
+print(f"rank {rank} gloo threads after cleanup: {gloo_threads()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
+def test_cleanup_joins_the_process_group_threads(tmp_path):
+    returncode, output = run_torchrun(tmp_path, GLOO_THREADS_SCRIPT)
+    assert returncode == 0, output
+    for rank in (0, 1):
+        assert f"rank {rank} gloo threads after cleanup: []" in output, output
+
+
+# Rank 1 fails while a collective it started waits for rank 0, which never joins it. Tearing down would
+# wait for that collective (until gloo's 30-minute timeout); the failing rank must leave at once.
+FAILING_RANK_SCRIPT = """
+import torch, torch.distributed as dist
+from nanochat.common import compute_init, compute_cleanup
+ddp, rank, _, world_size, device = compute_init("cpu")
+if rank == 1:
+    pending = dist.all_reduce(torch.ones(4), async_op=True)
+    raise RuntimeError("boom on rank 1")
+dist.barrier()
+compute_cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_failing_rank_exits_at_once_with_its_error(tmp_path):
+    returncode, output = run_torchrun(tmp_path, FAILING_RANK_SCRIPT, timeout=60)
+    assert returncode != 0
+    assert "[rank1]: RuntimeError: boom on rank 1" in output, output
+    assert "exitcode  : 1" in output and "SIGABRT" not in output, output
+
+
+# A clean exit that skips compute_cleanup (sys.exit, argparse errors) leaves the group through atexit.
+# atexit runs its hooks last-in first-out, so a hook registered before compute_init runs after its own.
+EXIT_SCRIPT = """
+import atexit, os, sys
+import torch, torch.distributed as dist
+from nanochat.common import compute_init
+
+def report_gloo_threads():
+    names = [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+    print(f"rank {rank} gloo threads at exit: {sorted(n for n in names if 'gloo' in n)}", flush=True)
+
+atexit.register(report_gloo_threads)
+ddp, rank, _, world_size, device = compute_init("cpu")
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+dist.all_reduce(torch.ones(4))
+sys.exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
+def test_sys_exit_leaves_the_group_cleanly(tmp_path):
+    returncode, output = run_torchrun(tmp_path, EXIT_SCRIPT)
+    assert returncode == 0, output
+    for rank in (0, 1):
+        assert f"rank {rank} gloo threads at exit: []" in output, output
