@@ -5,8 +5,8 @@ Two layers, the same program behaving the same under both:
   - bubblewrap (`bwrap`), when it is installed and can create namespaces here: the child runs with no
     network, a read-only view of the system, a private writable temp dir (a tmpfs of DISK_LIMIT bytes)
     and its own PID namespace, so killing the sandbox kills every process the code started, and the
-    code cannot see or signal ours. Without it (or with NANOCHAT_NO_BWRAP=1) one warning line is
-    logged and only the guard below applies.
+    code cannot see or signal ours. Without it one warning line is logged and only the guard below
+    applies (NANOCHAT_NO_BWRAP=1 chooses that, silently).
   - an in-process guard, always: an audit hook (PEP 578) that CPython calls before every sensitive
     operation whichever module, alias or keyword argument the call came through (os.remove(path=...),
     posix.fork(), io.FileIO...). It refuses new processes, signals to other processes, sockets,
@@ -26,9 +26,11 @@ program that ran to its end leaves the generator stopped at its yield, a state n
 After the program, the verdict thread writes the nonce if and only if that is the generator's state.
 The program can write anything anywhere (the report descriptor, a replaced json.dumps), but not the
 nonce: it lives only in the verdict thread's frame, and the guard refuses every way to reach another
-thread's frame or arbitrary memory (sys._current_frames, gc's object lists, tracing, hand-made code
-objects, ctypes, /proc/self/mem). What remains is native code the program would compile and load
-itself; bubblewrap keeps even that from touching anything outside the sandbox.
+thread's frame or arbitrary memory (sys._current_frames, gc's object lists, hand-made code objects,
+ctypes, /proc/self/mem), and tracing, which could also jump over a failing assert. What remains is
+native code the program would compile and load itself; bubblewrap keeps even that from touching
+anything outside the sandbox. (A program that makes its own tests vacuous, say with an answer whose
+__eq__ is always True, does run to its end: judging that is the task's business.)
 
 The parent waits at most timeout + STARTUP_ALLOWANCE seconds, then kills the process group (and with
 bubblewrap the whole PID namespace). The child's output goes to files, not pipes, so no process left

