@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from scripts.chat_web import create_app
+from scripts.chat_web import create_app, is_loopback
 from test_chat_web import MESSAGES, ScriptedModel, serve
 
 KEY = "s3cret-key"
@@ -20,6 +20,12 @@ def guarded(tiny_tokenizer):
     app = create_app([(model, tiny_tokenizer)], api_key=KEY, max_body_bytes=10_000, body_timeout=0.5, max_tokens=1)
     with serve(app, header_timeout=0.5, max_connections=20) as url:
         yield url
+
+
+def test_only_loopback_addresses_count_as_private():
+    # main() prints a warning when serving any other address without a key
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.168.1.5", "example.com"]))
 
 
 def post(url, path, body=None, key=KEY, **kwargs):
