@@ -13,7 +13,7 @@ runs all max_batch rows: one graph, whatever the load.
 Each row samples with its own generator and runs its own calculator-tool state machine, so what a
 request gets does not depend on its neighbours: at temperature 0, the tokens it would get served
 alone. (Up to float rounding: a matmul over 8 rows may round differently from one over 1 row, which
-can flip a near-tie between two tokens; the compiled step, always max_batch rows, avoids that too.)
+could flip a near-tie between two tokens; the compiled step always has max_batch rows.)
 """
 
 import functools
