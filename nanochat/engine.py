@@ -8,15 +8,21 @@ also runs a small tool-use state machine: when the model closes a <|python_start
 block, the engine evaluates the expression with a safe calculator and forces
 <|output_start|> result <|output_end|> into that row.
 
-The Engine needs only a narrow contract (SPEC §9), so tests can drive it with mock models:
+The Engine needs only a narrow contract, so tests can drive it with mock models:
 model.config (n_layer, n_head, n_kv_head, n_embd, sequence_len), model.get_device(), and
-model.forward(ids, kv_cache=cache) -> logits (B, T, V), where the model calls cache.advance(T);
-tokenizer.encode(text), decode(ids), get_bos_token_id(), encode_special(name).
+model.forward(ids, kv_cache=cache) -> logits (B, T, V), where the model calls cache.advance(T) and row b's
+new tokens sit at positions cache.cache_seqlens[b] onwards; tokenizer.encode(text), decode(ids),
+get_bos_token_id(), encode_special(name).
+
+nanochat/serving.py builds continuous batching (a server's many conversations in one decode loop) on
+the same pieces: the cache's per-row lengths, decode(), RowState and update_row().
 """
 
 import ast
 import contextlib
+import copy
 import operator
+import re
 import time
 from collections import deque
 
@@ -28,9 +34,14 @@ from nanochat.common import get_compute_dtype
 class KVCache:
     """
     Keys and values of every layer for B rows: k_cache/v_cache are (num_layers, B, T, H, D), the
-    (B, T, H, D) layout flash_attn_with_kvcache expects. All rows hold the same number of tokens,
-    so the position is also kept as a Python int: reading it never syncs with the GPU.
+    (B, T, H, D) layout flash_attn_with_kvcache expects, and cache_seqlens (B,) the tokens each row holds.
+    Rows may hold different numbers of tokens (a server's rows are unrelated conversations); `pos`, the
+    longest row's length, is also kept as a Python int, so reading it never syncs with the GPU.
     """
+
+    # Every per-row tensor and the dim that indexes its rows: rows() and copy_row() carry all of them, so
+    # new per-row state only needs an entry here.
+    ROW_DIMS = {"k_cache": 1, "v_cache": 1, "cache_seqlens": 0}
 
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
@@ -52,14 +63,14 @@ class KVCache:
         self.pos = 0
 
     def get_pos(self):
-        """Tokens already cached (the same in every row)."""
+        """Tokens cached in the longest row (in every row, unless rows were filled separately)."""
         return self.pos
 
     def get_layer_cache(self, layer_idx):
         return self.k_cache[layer_idx], self.v_cache[layer_idx]
 
     def advance(self, num_tokens):
-        """Called by the model after its last layer wrote num_tokens new keys/values."""
+        """Called by the model after its last layer wrote num_tokens new keys/values into every row."""
         if self.pos + num_tokens > self.seq_len:
             raise RuntimeError(f"KV cache overflow: {self.pos} + {num_tokens} tokens > capacity {self.seq_len}")
         self.cache_seqlens += num_tokens
@@ -76,22 +87,50 @@ class KVCache:
         self.cache_seqlens.fill_(n)
         self.pos = n
 
+    def rows(self, start, stop, pos):
+        """
+        Rows [start, stop) as a cache of their own that shares this one's memory: what the model writes
+        through it lands here. pos: the longest of those rows (the caller tracks its rows' lengths).
+        """
+        view = copy.copy(self)
+        for name, dim in self.ROW_DIMS.items():
+            setattr(view, name, getattr(self, name).narrow(dim, start, stop - start))
+        view.pos = pos
+        return view
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely ids."""
+    def copy_row(self, src, dst):
+        """Copy row src's whole state over row dst."""
+        for name, dim in self.ROW_DIMS.items():
+            tensor = getattr(self, name)
+            tensor.select(dim, dst).copy_(tensor.select(dim, src))
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """
+    (B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely ids; top_p keeps
+    the most likely ids until their probability reaches top_p (nucleus sampling), the first one always.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be in [0, 1] or None, got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
+    indices = None  # where the kept logits sit in the vocab, once they are a subset
     if top_k is not None and top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        probs = torch.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=rng)
-        return indices.gather(-1, choice).squeeze(-1)
+        logits, indices = torch.topk(logits, top_k, dim=-1)
+    if top_p is not None and top_p < 1:
+        logits, order = logits.sort(dim=-1, descending=True)
+        indices = order if indices is None else indices.gather(-1, order)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the ids before it already reach top_p
+        outside[..., 0] = False
+        logits = logits.masked_fill(outside, -float("inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng).squeeze(-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return (choice if indices is None else indices.gather(-1, choice)).squeeze(-1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -164,6 +203,25 @@ def _is_literal_count(node):
             and isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str)
             and len(node.args) == 1 and not node.keywords
             and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+
+
+TOOL_MARKUP = re.compile(r"<\|python_start\|>(.*?)<\|python_end\|>|<\|output_start\|>(.*?)<\|output_end\|>", re.S)
+
+
+def reply_parts(text):
+    """
+    A reply as text, tool markers written out (as tokenizer.decode gives them, and as chat clients send
+    earlier replies back) -> {"type": "text" | "python" | "python_output", "text"} parts, which the
+    tokenizer's conversation rendering turns back into the real special tokens.
+    """
+    parts, last = [], 0
+    for match in TOOL_MARKUP.finditer(text):
+        parts.append({"type": "text", "text": text[last:match.start()]})
+        is_call = match.group(1) is not None
+        parts.append({"type": "python" if is_call else "python_output", "text": match.group(1 if is_call else 2)})
+        last = match.end()
+    parts.append({"type": "text", "text": text[last:]})
+    return [p for p in parts if p["type"] != "text" or p["text"]]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -284,7 +342,7 @@ class Engine:
         prompt_cache = self.new_cache(batch_size=1, seq_len=len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         logits = self.forward_last(ids, prompt_cache).expand(num_samples, -1)
-        assert prompt_cache.get_pos() == len(tokens), "the model must advance the KV cache (SPEC §9)"
+        assert prompt_cache.get_pos() == len(tokens), "the model must advance the KV cache"
         if self.compiled_step is not None:
             kv_cache = self.decode_cache(num_samples)  # prefill() below resets its rows to the prompt
         else:

@@ -225,7 +225,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """idx (B, T) token ids -> logits (B, T, vocab_size) fp32, or the loss when targets are given."""
         B, T = idx.size()
-        # (A compiled decode step skips the check: reading the cache's Python position would recompile every step.)
+        # get_pos(): the longest row. (A compiled decode step skips the check: reading the cache's Python
+        # position would recompile every step.)
         pos0 = 0 if kv_cache is None or torch.compiler.is_compiling() else kv_cache.get_pos()
         if pos0 + T > self.rotary_length:
             raise ValueError(f"Position {pos0 + T} is beyond the rotary tables ({self.rotary_length} = "
@@ -233,9 +234,10 @@ class GPT(nn.Module):
         if kv_cache is None:
             cos_sin = self.cos[:, :T], self.sin[:, :T]
         else:
-            # Positions come from the cache's tensor (all rows hold as many tokens): same shapes at every step.
-            positions = kv_cache.cache_seqlens[0] + torch.arange(T, device=idx.device)
-            cos_sin = self.cos[:, positions], self.sin[:, positions]
+            # Per-row positions from the cache's lengths tensor: rows may hold different numbers of tokens (a
+            # server batches unrelated conversations), and a compiled step sees the same shapes at every step.
+            positions = kv_cache.cache_seqlens.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
+            cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
         # .float(): on CUDA wte is stored in bf16; the residual stream is kept in fp32 (a no-op on CPU)
         x = x0 = norm(self.transformer.wte(idx).float())
         for i, block in enumerate(self.transformer.h):

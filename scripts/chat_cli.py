@@ -4,8 +4,10 @@ Talk to a model in the terminal.
     python -m scripts.chat_cli -i sft                            # `clear` starts over, `quit`/`exit`/Ctrl-D ends
     python -m scripts.chat_cli -i sft -p "Why is the sky blue?"  # answer once and exit
 
-The conversation is kept as tokens (not text), so the model sees its own tool calls exactly as it
-wrote them. Ctrl-C while the model is answering stops that answer.
+The conversation is kept as messages and rendered by the tokenizer's chat format for every reply (the
+same rendering as training and the web server); the model's tool calls are kept as python /
+python_output parts, so it sees them again as the special tokens it wrote. Ctrl-C while the model is
+answering stops that answer.
 """
 
 import argparse
@@ -13,7 +15,7 @@ import random
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init
-from nanochat.engine import Engine, StreamDecoder
+from nanochat.engine import Engine, StreamDecoder, reply_parts
 
 
 def stream_reply(engine, tokens, temperature, top_k):
@@ -48,13 +50,10 @@ def main():
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer)
-    special = tokenizer.encode_special
-    user_start, user_end = special("<|user_start|>"), special("<|user_end|>")
-    assistant_start, assistant_end = special("<|assistant_start|>"), special("<|assistant_end|>")
 
     if not args.prompt:
         print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or Ctrl-D ends.")
-    conversation = [tokenizer.get_bos_token_id()]
+    conversation = []  # {"role", "content"} messages
     while True:
         if args.prompt:
             text = args.prompt
@@ -68,20 +67,20 @@ def main():
         if command in ("quit", "exit"):
             break
         if command == "clear":
-            conversation = [tokenizer.get_bos_token_id()]
+            conversation = []
             print("(new conversation)")
             continue
         if not command:
             continue
 
-        turn_start = len(conversation)
-        conversation += [user_start, *tokenizer.encode(text), user_end, assistant_start]
+        conversation.append({"role": "user", "content": text})
+        prompt = tokenizer.render_for_completion({"messages": conversation + [{"role": "assistant", "content": ""}]})
         print("\nAssistant: ", end="", flush=True)
         try:
-            reply = stream_reply(engine, conversation, args.temperature, args.top_k)
-            conversation += reply + [assistant_end]
+            reply = stream_reply(engine, prompt, args.temperature, args.top_k)
+            conversation.append({"role": "assistant", "content": reply_parts(tokenizer.decode(reply))})
         except ValueError as e:  # the conversation no longer fits the model's context
-            del conversation[turn_start:]
+            conversation.pop()
             print(f"\n{e}. Type 'clear' to start a new conversation.")
         if args.prompt:
             break

@@ -10,8 +10,9 @@ import httpx
 import pytest
 import torch
 
-from nanochat.engine import Engine
-from scripts.chat_web import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, assistant_parts, create_app, render_prompt
+from nanochat.engine import Engine, reply_parts
+from scripts.chat_web import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app, render_prompt,
+                              server_config)
 
 
 class ScriptedConfig:
@@ -19,31 +20,37 @@ class ScriptedConfig:
 
 
 class ScriptedModel:
-    """Engine contract mock: after a prompt of prompt_len tokens it writes `script`, one token per step."""
+    """
+    Engine contract mock: after a prompt of prompt_len tokens each row writes `script`, one token per step
+    (then repeats its last token). delay: seconds per forward, a slow model. Records (B, T) per forward.
+    """
 
-    def __init__(self, vocab_size, script, prompt_len):
+    def __init__(self, vocab_size, script, prompt_len, delay=0.0):
         self.config = ScriptedConfig()
-        self.vocab_size, self.script, self.prompt_len = vocab_size, script, prompt_len
+        self.vocab_size, self.script, self.prompt_len, self.delay = vocab_size, script, prompt_len, delay
+        self.calls = []
 
     def get_device(self):
         return "cpu"
 
     def forward(self, ids, kv_cache=None):
         B, T = ids.shape
-        index = min(kv_cache.get_pos() + T - self.prompt_len, len(self.script) - 1)
+        self.calls.append((B, T))
+        time.sleep(self.delay)
         logits = torch.zeros(B, T, self.vocab_size)
-        logits[:, -1, self.script[index]] = 100.0
+        for b, cached in enumerate(kv_cache.cache_seqlens.tolist()):
+            logits[b, -1, self.script[min(cached + T - self.prompt_len, len(self.script) - 1)]] = 100.0
         kv_cache.advance(T)
         return logits
 
 
 @contextlib.contextmanager
-def serve(app):
+def serve(app, **config):
     """Run the app with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
     import uvicorn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -80,8 +87,8 @@ def gpt(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def server(gpt, tiny_tokenizer):
-    """Two workers sharing one tiny GPT."""
-    app = create_app([(gpt, tiny_tokenizer)] * 2, temperature=0.8, top_k=50, max_tokens=16)
+    """Two workers sharing one tiny GPT, 4 decode slots each."""
+    app = create_app([(gpt, tiny_tokenizer)] * 2, temperature=0.8, top_k=50, max_tokens=16, max_batch=4)
     with serve(app) as url:
         yield url, app
 
@@ -135,12 +142,16 @@ def long_conversation(num_messages, chars):
     ({"messages": MESSAGES, "top_k": 0}, "top_k must be an integer between 1 and 200"),
     ({"messages": MESSAGES, "top_k": 201}, "top_k must be"),
     ({"messages": MESSAGES, "top_k": 5.5}, "top_k must be"),
+    ({"messages": MESSAGES, "top_p": 1.5}, "top_p must be a number between 0.0 and 1.0"),
     ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens must be an integer between 1 and 4096"),
     ({"messages": MESSAGES, "max_tokens": 4097}, "max_tokens must be"),
+    ({"messages": MESSAGES, "max_tokens": [[[[1]]]]}, "max_tokens must be an integer between 1 and 4096, got list"),
     ({"messages": []}, "non-empty list"),
     ({}, "non-empty list"),
+    ({"messages": "hello"}, "non-empty list"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
     ({"messages": [{"role": "user", "content": 42}]}, "content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "text only"),
     ({"messages": MESSAGES[:2]}, "last message must be from the user"),
     ({"messages": [MESSAGES[0], MESSAGES[0]]}, "expected 'assistant'"),
     ({"messages": [{"role": "user", "content": "the history of " * 100}]}, "context is 256 tokens"),
@@ -150,18 +161,6 @@ def test_limits_are_answered_with_400(server, body, message):
     response = httpx.post(f"{url}/chat/completions", json=body, timeout=30)
     assert response.status_code == 400
     assert message in response.json()["detail"]
-
-
-def test_malformed_requests(server):
-    url, _ = server
-    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
-        response = httpx.post(f"{url}/chat/completions", content=content, timeout=30,
-                              headers={"Content-Type": "application/json"})
-        assert response.status_code == 400
-        assert "JSON" in response.json()["detail"]
-    response = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, "top_k": 0}, timeout=30)
-    assert response.status_code == 400 and "top_k" in response.json()["error"]["message"]
-    assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
 
 
 def test_openai_client(server, gpt, tiny_tokenizer):
@@ -184,18 +183,38 @@ def test_openai_client(server, gpt, tiny_tokenizer):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
-    with pytest.raises(openai.BadRequestError, match="temperature"):
-        client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=3)
+    # content given as OpenAI's text parts, n=1 and top_p=1 (no-ops) and max_completion_tokens: the same reply
+    parts = [[{"type": "text", "text": m["content"][:5]}, {"type": "text", "text": m["content"][5:]}] for m in MESSAGES]
+    same = client.chat.completions.create(model=model_id, messages=[dict(m, content=p) for m, p in zip(MESSAGES, parts)],
+                                          temperature=0, max_completion_tokens=10, n=1, top_p=1.0)
+    assert same.choices[0].message.content == reply.choices[0].message.content
+    sampled = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, top_p=0.5, seed=3,
+                                             max_tokens=10)
+    again = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, top_p=0.5, seed=3,
+                                           max_tokens=10)
+    assert sampled.choices[0].message.content == again.choices[0].message.content  # a pinned seed repeats
+
+    for bad, field in [(dict(temperature=3), "temperature"), (dict(top_p=1.5), "top_p"), (dict(n=2), "n must be 1"),
+                       (dict(presence_penalty=0.5), "presence_penalty is not supported"),
+                       (dict(stop=["a", "b", "c", "d", "e"]), "stop must be")]:
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.chat.completions.create(model=model_id, messages=MESSAGES, **bad)
+
+
+def scripted_server_app(tokenizer, text, **kwargs):
+    """An app whose model answers the first message "hi" with `text` then <|assistant_end|>."""
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
+    script = tokenizer.encode(text) + [tokenizer.encode_special("<|assistant_end|>")]
+    return create_app([(ScriptedModel(tokenizer.get_vocab_size(), script, len(prompt)), tokenizer)], **kwargs), script
 
 
 def test_stop_token_and_multibyte_text_reach_clients_intact(tiny_tokenizer):
     import openai
     text = "Caf\u00e9 \u65e5\u672c\u8a9e \U0001f642 **ok**"
     messages = [{"role": "user", "content": "hi"}]
-    prompt = render_prompt(tiny_tokenizer, messages, ScriptedConfig.sequence_len)
-    script = tiny_tokenizer.encode(text) + [tiny_tokenizer.encode_special("<|assistant_end|>")]
-    model = ScriptedModel(tiny_tokenizer.get_vocab_size(), script, len(prompt))
-    with serve(create_app([(model, tiny_tokenizer)])) as url:
+    app, script = scripted_server_app(tiny_tokenizer, text)
+    with serve(app) as url:
         events = sse_events(httpx.post(f"{url}/chat/completions", json={"messages": messages}, timeout=30).text)
         pieces = [e["token"] for e in events[:-1]]
         assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
@@ -205,15 +224,39 @@ def test_stop_token_and_multibyte_text_reach_clients_intact(tiny_tokenizer):
         assert reply.usage.completion_tokens == len(script)  # the stop token counts as generated
 
 
-def test_concurrent_requests_queue_and_health_stays_up(server):
-    url, _ = server
+def test_stop_sequences_cut_the_reply(tiny_tokenizer):
+    import openai
+    text = "First line.\n\nSecond part ### hidden"
+    app, script = scripted_server_app(tiny_tokenizer, text)
+    with serve(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        hi = [{"role": "user", "content": "hi"}]
+        for stop, expected in (("###", "First line.\n\nSecond part "), (["zzz", "\n\n"], "First line."),
+                               ("absent", text)):
+            reply = client.chat.completions.create(model="nanochat", messages=hi, stop=stop)
+            assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+            chunks = list(client.chat.completions.create(model="nanochat", messages=hi, stop=stop, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+        reply = client.chat.completions.create(model="nanochat", messages=hi, stop="###")
+        assert reply.usage.completion_tokens < len(script)  # generation ended at the stop sequence
+
+
+def test_concurrent_requests_share_the_batch_and_match_lone_replies(server, gpt, tiny_tokenizer):
+    """12 conversations at once over 2 workers x 4 slots: rows really are batched, each reply is the one the
+    request gets alone (temperature 0), and /health answers throughout."""
+    url, app = server
+    batch_sizes = []
+    for worker in app.state.workers:
+        decode = worker.engine.decode
+        worker.engine.decode = lambda ids, cache, decode=decode: batch_sizes.append(ids.size(0)) or decode(ids, cache)
+    conversations = [[{"role": "user", "content": f"Question {i}: what is {'the history of ' * (i % 4)}Rome?"}]
+                     for i in range(12)]
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            async def chat(i):
+            async def chat(messages):
                 response = await client.post(f"{url}/chat/completions",
-                                             json={"messages": [{"role": "user", "content": f"Question {i}"}],
-                                                   "max_tokens": 8})
+                                             json={"messages": messages, "max_tokens": 16, "temperature": 0})
                 return sse_events(response.text)
 
             async def poll_health(tasks):
@@ -225,29 +268,36 @@ def test_concurrent_requests_queue_and_health_stays_up(server):
                     await asyncio.sleep(0.05)
                 return latencies
 
-            tasks = [asyncio.create_task(chat(i)) for i in range(32)]
+            tasks = [asyncio.create_task(chat(messages)) for messages in conversations]
             latencies = await poll_health(tasks)
             return await asyncio.gather(*tasks), latencies
 
-    results, latencies = asyncio.run(run())
-    assert all(events[-1] == {"done": True} for events in results)
+    try:
+        results, latencies = asyncio.run(run())
+    finally:
+        for worker in app.state.workers:
+            del worker.engine.decode
+    for messages, events in zip(conversations, results):
+        assert events[-1] == {"done": True}
+        _, expected = reference_reply(gpt, tiny_tokenizer, messages, max_tokens=16)
+        assert "".join(e["token"] for e in events[:-1]) == tiny_tokenizer.decode(expected)
     assert {e["gpu"] for events in results for e in events[:-1]} == {0, 1}  # both workers served
+    assert max(batch_sizes) > 1
     assert latencies and max(latencies) < 5.0  # the event loop never blocked on generation
     stats = httpx.get(f"{url}/stats", timeout=10).json()
-    assert stats["available_workers"] == stats["num_workers"] == 2 and stats["requests_active"] == 0
-    assert stats["requests_total"] >= 32
+    assert stats["active_requests"] == stats["waiting_requests"] == stats["requests_active"] == 0
+    assert stats["requests_total"] >= 12 and [w["max_batch"] for w in stats["workers"]] == [4, 4]
 
 
-def test_failing_generation_returns_worker(server, monkeypatch):
+def test_failing_generation_ends_its_requests_not_the_worker(server, monkeypatch):
     url, app = server
 
-    def broken_generate(self, tokens, **kwargs):
-        yield self.tokenizer.encode("Hi"), [1]
+    def broken_decode(self, ids, kv_cache):
         raise RuntimeError("simulated CUDA error")
 
-    monkeypatch.setattr(Engine, "generate", broken_generate)
+    monkeypatch.setattr(Engine, "decode", broken_decode)
     failed_before = httpx.get(f"{url}/stats", timeout=10).json()["requests_failed"]
-    for _ in range(5):  # more failures than workers: a leaked worker would hang the later requests
+    for _ in range(5):
         events = sse_events(httpx.post(f"{url}/chat/completions", json={"messages": MESSAGES}, timeout=30).text)
         assert "simulated CUDA error" in events[-2]["error"] and events[-1] == {"done": True}
     response = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES}, timeout=30)
@@ -255,28 +305,70 @@ def test_failing_generation_returns_worker(server, monkeypatch):
     monkeypatch.undo()
     stats = httpx.get(f"{url}/stats", timeout=10).json()
     assert stats["requests_failed"] == failed_before + 6
-    assert httpx.get(f"{url}/health", timeout=10).json()["available_workers"] == 2
-    assert app.state.pool.available.qsize() == len(app.state.pool.workers) == 2
+    assert stats["active_requests"] == stats["waiting_requests"] == 0
     events = sse_events(httpx.post(f"{url}/chat/completions", json={"messages": MESSAGES}, timeout=30).text)
     assert events[-1] == {"done": True} and "error" not in events[-2]
 
 
-def test_client_disconnect_returns_worker(server):
-    url, _ = server
-    with httpx.stream("POST", f"{url}/chat/completions", json={"messages": MESSAGES, "max_tokens": 200},
-                      timeout=30) as response:
-        first = next(response.iter_lines())
-        assert first.startswith("data: ")
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{url}/health", timeout=10).json()["available_workers"] != 2:
-        assert time.monotonic() < deadline, "the worker of a disconnected client never came back"
-        time.sleep(0.05)
+@pytest.fixture
+def slow_server(tiny_tokenizer):
+    """One worker, one slot, a model that never ends its reply and takes 50 ms per step: a request runs
+    for its whole max_tokens (~12 s) unless it is cancelled."""
+    word = tiny_tokenizer.encode(" word")[0]
+    model = ScriptedModel(tiny_tokenizer.get_vocab_size(), [word], prompt_len=0, delay=0.05)
+    with serve(create_app([(model, tiny_tokenizer)], max_batch=1, max_tokens=4096)) as url:
+        yield url, model
+
+
+def wait_until_idle(url, within):
+    start = time.monotonic()
+    while True:
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        if health["active_requests"] == health["waiting_requests"] == 0:
+            return time.monotonic() - start
+        assert time.monotonic() - start < within, f"a request of a client that left still holds the worker: {health}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_a_streaming_client_leaving_frees_its_slot(slow_server, path):
+    url, _ = slow_server
+    body = {"messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=30) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    wait_until_idle(url, within=2.0)
+
+
+def test_abandoned_requests_free_the_worker_and_queued_ones_never_run(slow_server):
+    """Non-streaming /v1 requests whose clients give up: the running one leaves the batch at once, the queued
+    ones never reach the model (the worker is not held for their whole replies: 3 x 12 s)."""
+    url, model = slow_server
+
+    async def abandon(i, after):
+        async with httpx.AsyncClient(timeout=after) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(f"{url}/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": f"question {i}"}]})
+        return time.monotonic()
+
+    async def run():
+        running = asyncio.create_task(abandon(0, after=1.5))
+        while httpx.get(f"{url}/health", timeout=10).json()["active_requests"] == 0:
+            await asyncio.sleep(0.02)
+        queued = [asyncio.create_task(abandon(i, after=0.5)) for i in (1, 2)]  # wait for the only slot
+        await asyncio.gather(*queued)
+        return await running
+
+    left_at = asyncio.run(run())
+    wait_until_idle(url, within=2.0)
+    assert time.monotonic() - left_at < 2.0
+    assert [call for call in model.calls if call[1] > 1] == [model.calls[0]]  # one prefill: the queued never ran
 
 
 def test_tool_markup_is_rendered_as_special_tokens(tiny_tokenizer):
     reply = "Sure. <|python_start|>2+3<|python_end|><|output_start|>5<|output_end|> So 5."
-    assert assistant_parts(reply) == [{"type": "text", "text": "Sure. "}, {"type": "python", "text": "2+3"},
-                                      {"type": "python_output", "text": "5"}, {"type": "text", "text": " So 5."}]
+    assert reply_parts(reply) == [{"type": "text", "text": "Sure. "}, {"type": "python", "text": "2+3"},
+                                  {"type": "python_output", "text": "5"}, {"type": "text", "text": " So 5."}]
     messages = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": reply},
                 {"role": "user", "content": "thanks"}]
     prompt = render_prompt(tiny_tokenizer, messages, 256)

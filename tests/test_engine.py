@@ -13,7 +13,7 @@ class MockConfig:
 
 class MockModel:
     """
-    Honours the Engine's model contract (SPEC §9) without any network: the logits at absolute
+    Honours the Engine's model contract without any network: the logits at absolute
     position p point at script[p + 1 - prompt_len] (then keep repeating the last script token), or are
     uniform when there is no script. Like the real model, it advances the cache.
     """
@@ -109,6 +109,39 @@ def test_kv_cache_prefill_copies_prompt_into_every_row():
     assert not small.k_cache.eq(123.0).any() and not big.k_cache[:, 1].eq(123.0).any()
 
 
+def test_kv_cache_rows_share_memory_and_rows_move_whole():
+    cache = KVCache(batch_size=4, num_heads=2, seq_len=10, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32)
+    view = cache.rows(1, 3, pos=0)
+    assert view.batch_size == 2 and view.seq_len == 10
+    view.get_layer_cache(2)[0][:, :3] = 7.0  # the model writes through the view...
+    view.advance(3)
+    assert cache.k_cache[2, 1:3, :3].eq(7.0).all() and cache.k_cache[:, [0, 3]].eq(0).all()  # ...into rows 1-2 only
+    assert cache.cache_seqlens.tolist() == [0, 3, 3, 0] and view.get_pos() == 3
+    cache.copy_row(2, 0)
+    assert torch.equal(cache.k_cache[:, 0], cache.k_cache[:, 2]) and cache.cache_seqlens.tolist() == [3, 3, 3, 0]
+    assert set(KVCache.ROW_DIMS) == {name for name, value in vars(cache).items() if torch.is_tensor(value)}
+
+
+def test_rows_of_different_lengths_decode_as_if_alone(gpt):
+    """Rows filled one by one (a server's unrelated conversations) then decoded together: each row's logits are
+    those of a full forward over its own tokens, so positions and attention are per row."""
+    config = gpt.config
+    lengths, steps = [28, 5, 13], 10  # row 0 crosses the 32-token sliding window while decoding
+    seqs = [torch.randint(0, config.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(n))
+            for n in lengths]
+    cache = KVCache(len(lengths), num_heads=config.n_kv_head, seq_len=config.sequence_len,
+                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for row, (n, seq) in enumerate(zip(lengths, seqs)):
+            gpt(seq[None, :n], kv_cache=cache.rows(row, row + 1, pos=0))
+        for t in range(steps):
+            ids = torch.stack([seq[n + t] for n, seq in zip(lengths, seqs)]).unsqueeze(1)
+            logits = gpt(ids, kv_cache=cache.rows(0, len(lengths), pos=max(lengths) + t))[:, -1]
+            for row, (n, seq) in enumerate(zip(lengths, seqs)):
+                torch.testing.assert_close(logits[row], gpt(seq[None, :n + t + 1])[0, -1], atol=1e-4, rtol=1e-4)
+    assert cache.cache_seqlens.tolist() == [n + steps for n in lengths]
+
+
 # -------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -130,6 +163,28 @@ def test_sample_next_token_follows_softmax_and_seed():
     assert torch.allclose(freqs, torch.softmax(logits[0] / 0.7, -1), atol=0.01)
     again = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=0.7)
     assert torch.equal(draws, again)
+
+
+def test_sample_next_token_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[3.0, 2.5, 1.0, 0.5, -1.0, -2.0]])
+    temperature, top_p = 0.8, 0.75
+    probs = torch.softmax(logits[0] / temperature, -1)
+    # the reference: the most likely ids, in order, until their total reaches top_p
+    nucleus = []
+    for i in probs.argsort(descending=True).tolist():
+        nucleus.append(i)
+        if probs[nucleus].sum() >= top_p:
+            break
+    assert 1 < len(nucleus) < len(probs)  # the case is not trivial
+    draws = sample_next_token(logits.expand(20000, -1), torch.Generator().manual_seed(0), temperature, top_p=top_p)
+    freqs = torch.bincount(draws, minlength=len(probs)).float() / len(draws)
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    assert torch.allclose(freqs, expected, atol=0.01)
+    rng = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert torch.equal(sample_next_token(logits, rng(), 1.0, top_p=1.0), sample_next_token(logits, rng(), 1.0))
+    assert sample_next_token(logits, rng(), 1.0, top_p=0.0).item() == 0  # only the most likely id is left
+    assert sample_next_token(logits, rng(), 1.0, top_k=3, top_p=1e-6).item() == 0
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """
 The chat page in a real headless Chromium: it sends a message (?q=), the streamed reply is rendered
-(markdown-ish, safely), regenerate and edit work, and screenshots are saved (desktop and phone width).
+(markdown-ish, safely), regenerate and edit work, it asks once for the key of a server that needs one,
+and screenshots are saved (desktop and phone width).
 
 Needs Debian's chromium (`apt-get install -y chromium`); skipped with a reason when it is missing.
 Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe: commands on fd 3,
@@ -17,8 +18,7 @@ import time
 
 import pytest
 
-from scripts.chat_web import create_app, render_prompt
-from test_chat_web import ScriptedModel, serve
+from test_chat_web import scripted_server_app, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT_COPY = "/tmp/nanochat_ui.png"
@@ -116,9 +116,7 @@ class Chromium:
 @pytest.fixture
 def chat_url(tiny_tokenizer):
     """A server whose scripted model answers the first message "hi" with REPLY."""
-    prompt = render_prompt(tiny_tokenizer, [{"role": "user", "content": "hi"}], 256)
-    script = tiny_tokenizer.encode(REPLY) + [tiny_tokenizer.encode_special("<|assistant_end|>")]
-    with serve(create_app([(ScriptedModel(tiny_tokenizer.get_vocab_size(), script, len(prompt)), tiny_tokenizer)])) as url:
+    with serve(scripted_server_app(tiny_tokenizer, REPLY)[0]) as url:
         yield url
 
 
@@ -189,3 +187,28 @@ def test_chat_page_fits_a_phone(chat_url, browser, tmp_path):
     assert browser.evaluate("document.documentElement.scrollWidth") <= 390
     browser.screenshot(tmp_path / "nanochat_ui_phone.png")
     shutil.copy(tmp_path / "nanochat_ui_phone.png", "/tmp/nanochat_ui_phone.png")
+
+
+def test_chat_page_asks_once_for_the_key_of_a_guarded_server(tiny_tokenizer, browser):
+    key_asked = "document.getElementById('key-form')?.hidden === false"
+    label = "document.getElementById('key-label').textContent"
+
+    def enter_key(key):
+        browser.evaluate(f"document.getElementById('key-input').value = {json.dumps(key)}; "
+                         "document.querySelector('#key-form button').click()")
+
+    with serve(scripted_server_app(tiny_tokenizer, REPLY, api_key="k3y")[0]) as url:
+        browser.send("Page.navigate", url=f"{url}/?q=hi")
+        browser.wait_for(key_asked)
+        assert "needs an API key" in browser.evaluate(label)
+        assert browser.evaluate("document.querySelectorAll('.message').length") == 1  # the question waits, unanswered
+        enter_key("wrong")
+        browser.wait_for(f"{key_asked} && {label}.includes('refused')")
+        enter_key("k3y")
+        browser.wait_for(DONE)
+        assert browser.evaluate(RENDERED)["items"] == ["item one", "item two"]
+        assert browser.evaluate("document.querySelectorAll('.message').length") == 2
+        # a new page in the same session: the key is remembered, nothing is asked
+        browser.send("Page.navigate", url=f"{url}/?q=hi")
+        browser.wait_for(DONE)
+        assert browser.evaluate(key_asked) is False and not browser.evaluate(RENDERED)["error"]
