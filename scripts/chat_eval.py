@@ -1,9 +1,9 @@
 """
-Evaluate a chat model (mid, sft or rl checkpoint) on the chat tasks and compute ChatCORE: the tasks,
+Evaluate a chat model (sft or rl checkpoint) on the chat tasks and compute ChatCORE: the tasks,
 how each is scored and the metric are in tasks/chatcore.py.
 
     python -m scripts.chat_eval -i sft
-    python -m scripts.chat_eval -i mid -a ARC-Easy,GSM8K --max-problems 100
+    python -m scripts.chat_eval -i sft -a ARC-Easy,GSM8K --max-problems 100
     torchrun --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 """
 
@@ -28,7 +28,7 @@ def parse_task_names(spec):
 
 def main():
     parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["mid", "sft", "rl"],
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["sft", "rl"],
                         help="which checkpoint stage to evaluate")
     parser.add_argument("-a", "--task-name", type=str, default="", help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
     parser.add_argument("--max-problems", type=int, default=None, help="evaluate at most this many problems per task")

@@ -37,7 +37,7 @@ from tasks.gsm8k import GSM8K
 parser = argparse.ArgumentParser(description="Simplified GRPO on GSM8K")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint stage to start from")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft"], help="checkpoint stage to start from")
 parser.add_argument("--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
 parser.add_argument("--step", type=int, default=None, help="step to start from (default: the last)")
 parser.add_argument("--num-epochs", type=int, default=1, help="passes over the GSM8K train questions")

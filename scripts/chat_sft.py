@@ -38,7 +38,7 @@ from nanochat.report import get_report
 from tasks.common import TaskMixture, first_examples
 from tasks.chatcore import TASKS, evaluate_task, chatcore
 from tasks.smoltalk import SmolTalk
-from tasks.mmlu import MMLU, mid_train_mmlu
+from tasks.mmlu import MMLU, mmlu_training_set
 from tasks.gsm8k import GSM8K
 from tasks.customjson import CustomJSON, default_identity_path
 from tasks.spellingbee import SpellingBee, SimpleSpelling
@@ -47,7 +47,7 @@ from tasks.spellingbee import SpellingBee, SimpleSpelling
 parser = argparse.ArgumentParser(description="Fine-tune a base model on a mixture of conversations")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("-i", "--source", type=str, default="base", choices=["base", "mid"], help="checkpoint stage to start from")
+parser.add_argument("-i", "--source", type=str, default="base", choices=["base"], help="checkpoint stage to start from")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
 parser.add_argument("-s", "--step", type=int, default=None, help="step to start from (default: the last)")
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per device (-1 = the source run's)")
@@ -135,7 +135,7 @@ def identity_tasks():
 
 train_tasks = [
     capped(SmolTalk(split="train")),  # general conversations
-    *[capped(mid_train_mmlu())] * 3,  # multiple choice (offline: a small local stand-in, it says so)
+    *[capped(mmlu_training_set())] * 3,  # multiple choice (offline: a small local stand-in, it says so)
     *[capped(GSM8K(subset="main", split="train"))] * 4,  # math with calculator tool calls
     *identity_tasks(),  # who the model is
     capped(SimpleSpelling(size=200000, split="train")),  # spelling, so letters inside tokens become visible

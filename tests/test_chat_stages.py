@@ -1,7 +1,7 @@
 """
-End-to-end runs of the chat training stages (mid_train, chat_sft, chat_rl) on a tiny random model:
-each completes, writes its checkpoint under its stage dir with the source model's config, logs its
-report section, and (mid/SFT) trains: the last logged loss is well below the first one.
+End-to-end runs of the chat training stages (chat_sft, chat_rl) on a tiny random model: each
+completes, writes its checkpoint under its stage dir with the source model's config, logs its report
+section, and SFT trains: the last logged loss is well below the first one.
 
 Why the loss test is meaningful and stable: a freshly initialised model has a near-zero lm_head, so
 its first loss is ln(vocab_size) (uniform guessing). A handful of steps on a small, repeated set of
@@ -81,29 +81,6 @@ def read_report_section(base_dir, slug):
 
 
 @pytest.mark.slow
-def test_mid_train_one_epoch_lowers_loss(base_dir, tiny_tokenizer):
-    config = make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])
-    # No --num-iterations: the run must end by itself after one pass over the (capped) mixture.
-    output = run_stage("scripts.mid_train", ["--device-batch-size=4", "--max-seq-len=128", "--total-batch-size=512",
-                                             "--max-examples-per-task=8", "--eval-every=-1", "--eval-tokens=512"], base_dir)
-    losses = logged(output, "loss")
-    assert len(losses) >= 5, output[-3000:]
-    step_lines = [line for line in output.splitlines() if line.startswith("step ")]
-    assert "(100.0%)" in step_lines[-1]
-    uniform_loss = math.log(tiny_tokenizer.get_vocab_size())
-    assert losses[0] == pytest.approx(uniform_loss, abs=0.05)
-    assert losses[-1] < losses[0] - 0.5, losses
-
-    meta = read_meta(base_dir / "mid_checkpoints" / MODEL_TAG, len(losses))
-    assert meta["model_config"] == asdict(config)
-    assert meta["user_config"]["max_examples_per_task"] == 8
-    assert math.isfinite(meta["val_bpb"])
-    with open(base_dir / "report" / "midtraining.json") as f:
-        curve = json.load(f)["curve"]
-    assert [p["train_loss"] for p in curve if "train_loss" in p] == pytest.approx(losses, rel=1e-5)
-
-
-@pytest.mark.slow
 def test_chat_sft_continues_the_base_run_and_lowers_masked_loss(base_dir, tiny_tokenizer):
     config = make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"], with_optimizer=True)
     # Batch and LRs come from the base meta: 512 tokens/step of 2 rows x 128 = 2 micro-batches per step.
@@ -137,8 +114,8 @@ def test_chat_sft_stays_finite_on_micro_batches_without_assistant_tokens(base_di
     from tasks.gsm8k import GSM8K
     _, mask = tiny_tokenizer.render_conversation(GSM8K(subset="main", split="train", data_dir=str(TEST_DATA))[0])
     assert sum(mask[:9]) == 0
-    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["mid_checkpoints"])  # no optimizer state: a fresh one
-    output = run_stage("scripts.chat_sft", ["-i", "mid", "--max-seq-len=8", "--device-batch-size=1", "--total-batch-size=16",
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])  # no optimizer state: a fresh one
+    output = run_stage("scripts.chat_sft", ["--max-seq-len=8", "--device-batch-size=1", "--total-batch-size=16",
                                             "--max-examples-per-task=2", "--eval-every=-1", "--eval-tokens=16",
                                             "--chatcore-every=-1"], base_dir)  # one pass over the mixture
     assert "starting a fresh optimizer" in output
