@@ -87,13 +87,16 @@ token_bytes = get_token_bytes(device=device)
 use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
 train_model = torch.compile(model, dynamic=False) if use_compile else model  # every row is T tokens: static shapes
 
-# Batch and LRs: what the source run resolved them to (the batch-size rule may be automatic), unless overridden.
+# Batch and LRs: the values the source run resolved and trained with (its batch-size rule may be automatic),
+# not its flags. The batch can be overridden, e.g. to fit memory.
 resolved = source_meta.get("resolved")
 if resolved is None:
     raise SystemExit(f"The {args.source} checkpoint in {source_dir} does not record the batch size and LRs it trained "
                      f"with (it predates that): add to its meta_{source_meta['step']:06d}.json a \"resolved\" entry "
                      f"{{\"total_batch_size\", \"embedding_lr\", \"unembedding_lr\", \"matrix_lr\", \"scalar_lr\"}}")
-device_batch_size = args.device_batch_size if args.device_batch_size > 0 else source_meta["device_batch_size"]
+device_batch_size = args.device_batch_size if args.device_batch_size > 0 else source_meta.get("device_batch_size")
+if device_batch_size is None:
+    parser.error(f"the checkpoint in {source_dir} does not record its device batch size: pass --device-batch-size")
 max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
 total_batch_size = args.total_batch_size if args.total_batch_size > 0 else resolved["total_batch_size"]
 world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size
