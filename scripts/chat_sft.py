@@ -138,9 +138,9 @@ def identity_tasks():
 
 train_tasks = [
     capped(SmolTalk(split="train")),  # general conversations
-    *[capped(mmlu_training_set())] * 3,  # multiple choice (offline: a small local stand-in, it says so)
-    *[capped(GSM8K(subset="main", split="train"))] * 4,  # math with calculator tool calls
-    *identity_tasks(),  # who the model is
+    *[capped(mmlu_training_set())] * 3,  # multiple choice, 3 passes (offline: a small local stand-in, it says so)
+    *[capped(GSM8K(subset="main", split="train"))] * 4,  # math with calculator tool calls, 4 passes
+    *identity_tasks(),  # who the model is, 2 passes
     capped(SimpleSpelling(size=200000, split="train")),  # spelling, so letters inside tokens become visible
     capped(SpellingBee(size=80000, split="train")),  # letter counting with a python tool call
 ]
