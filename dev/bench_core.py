@@ -24,7 +24,7 @@ from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.tokenizer import RustBPETokenizer
 
 parser = argparse.ArgumentParser(description="CORE: batched vs one-forward-per-example timing")
-parser.add_argument("--source", type=str, default="", help="base|mid|sft|rl checkpoint (default: random d4 model)")
+parser.add_argument("--source", type=str, default="", help="base|sft|rl checkpoint (default: random d4 model)")
 parser.add_argument("--max-per-task", type=int, default=20)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer for the random model")

@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--max-seq-len", type=int, default=512)
-    parser.add_argument("-i", "--source", type=str, default="", help="base|mid|sft|rl: benchmark a checkpoint instead")
+    parser.add_argument("-i", "--source", type=str, default="", help="base|sft|rl: benchmark a checkpoint instead")
     parser.add_argument("-g", "--model-tag", type=str, default=None)
     parser.add_argument("-s", "--step", type=int, default=None)
     parser.add_argument("--prompt-len", type=int, default=64)

@@ -109,7 +109,7 @@ def percentile(values, q):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"])
     parser.add_argument("-g", "--model-tag", type=str, default=None)
     parser.add_argument("-s", "--step", type=int, default=None)
     parser.add_argument("--device-type", type=str, default="")

@@ -29,8 +29,8 @@ from nanochat.common import get_base_dir, UserError
 logger = logging.getLogger("nanochat")
 
 # Where each training stage keeps its checkpoints, and the script that creates them.
-STAGE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-STAGE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
+STAGE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+STAGE_SCRIPTS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 
 MODEL_FILE_RE = re.compile(r"^model_(\d{6,})\.pt$")
 STEP_FILE_RE = re.compile(r"^(?:model_(\d{6,})\.pt|meta_(\d{6,})\.json|optim_(\d{6,})_rank\d+\.pt)$")
@@ -341,7 +341,7 @@ def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=Non
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """source: base|mid|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints."""
+    """source: base|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints."""
     if source not in STAGE_DIRS:
         raise ValueError(f"source must be one of {sorted(STAGE_DIRS)}, got {source!r}")
     checkpoints_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])

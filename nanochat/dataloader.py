@@ -30,12 +30,14 @@ from nanochat.dataset import iter_row_groups
 
 class BestFitPacker:
     """
-    Packs documents (token lists, each starting with BOS) into rows of exactly row_len tokens.
-    take_row() repeatedly moves the LARGEST buffered doc that fits entirely into the remaining space;
-    when none fits, it fills the rest of the row with the head of the SHORTEST doc (its tail is
-    dropped). Docs are kept sorted by length, so each pick is a bisect instead of a scan of the
+    Packs documents (each starting with BOS) into rows of row_len tokens. take_docs() repeatedly
+    moves the LARGEST buffered doc that fits entirely into the space left, and stops when none fits:
+    the docs of one padded row (chat fine-tuning packs rendered conversations this way; a doc is then
+    anything whose len() is its token count). take_row() (pretraining) concatenates them and fills the
+    rest of the row with the head of the SHORTEST doc (its tail is dropped): exactly row_len tokens,
+    no padding. Docs are kept sorted by length, so each pick is a bisect instead of a scan of the
     buffer; among docs of equal length the one added first wins, which gives exactly the rows of a
-    plain scan over the buffer in insertion order. Mid-training feeds it rendered conversations.
+    plain scan over the buffer in insertion order.
     """
 
     def __init__(self, row_len):
@@ -54,13 +56,13 @@ class BestFitPacker:
         """Fraction of the tokens of consumed documents that were cropped away."""
         return self.tokens_cropped / max(1, self.tokens_consumed)
 
-    def add(self, tokens):
-        if len(tokens) == 0:
+    def add(self, doc):
+        if len(doc) == 0:
             raise ValueError("BestFitPacker.add got an empty document; every document starts with BOS")
-        i = bisect.bisect_right(self._lengths, len(tokens))
-        self._lengths.insert(i, len(tokens))
-        self._docs.insert(i, tokens)
-        self.buffered_tokens += len(tokens)
+        i = bisect.bisect_right(self._lengths, len(doc))
+        self._lengths.insert(i, len(doc))
+        self._docs.insert(i, doc)
+        self.buffered_tokens += len(doc)
 
     def _pop(self, i):
         self._lengths.pop(i)
@@ -69,21 +71,27 @@ class BestFitPacker:
         self.tokens_consumed += len(doc)
         return doc
 
+    def take_docs(self):
+        """Whole docs for one row, largest fitting first; their total length is at most row_len."""
+        docs, space = [], self.row_len
+        while self._lengths and self._lengths[0] <= space:
+            largest_fit = bisect.bisect_right(self._lengths, space) - 1
+            docs.append(self._pop(bisect.bisect_left(self._lengths, self._lengths[largest_fit])))
+            space -= len(docs[-1])
+        return docs
+
     def take_row(self):
         """One row of exactly row_len tokens, starting with the first token of a document."""
         if self.buffered_tokens < self.row_len:
             raise ValueError(f"BestFitPacker holds {self.buffered_tokens} tokens, fewer than a row "
                              f"({self.row_len}): add() more documents first")
         row = []
-        while len(row) < self.row_len:
-            remaining = self.row_len - len(row)
-            largest_fit = bisect.bisect_right(self._lengths, remaining) - 1
-            if largest_fit >= 0:
-                row.extend(self._pop(bisect.bisect_left(self._lengths, self._lengths[largest_fit])))
-            else:
-                doc = self._pop(0)
-                row.extend(doc[:remaining])
-                self.tokens_cropped += len(doc) - remaining
+        for doc in self.take_docs():
+            row.extend(doc)
+        if len(row) < self.row_len:
+            doc, remaining = self._pop(0), self.row_len - len(row)
+            row.extend(doc[:remaining])
+            self.tokens_cropped += len(doc) - remaining
         return row
 
 

@@ -28,11 +28,10 @@ from nanochat.common import get_base_dir, get_dist_info
 # Pipeline order of the sections in report.md (sections with other names follow, in logging order).
 SECTION_ORDER = [
     "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss", "Base model evaluation",
-    "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft", "Chat RL", "Chat evaluation rl",
+    "Chat SFT", "Chat evaluation sft", "Chat RL", "Chat evaluation rl",
 ]
 # Summary table: which section feeds each column, and the metrics (matched as a key prefix) of each row.
-SUMMARY_COLUMNS = {"BASE": "Base model evaluation", "MID": "Chat evaluation mid",
-                   "SFT": "Chat evaluation sft", "RL": "Chat evaluation rl"}
+SUMMARY_COLUMNS = {"BASE": "Base model evaluation", "SFT": "Chat evaluation sft", "RL": "Chat evaluation rl"}
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 # Rough on-demand cloud prices (USD per GPU-hour, late 2025); the report states the one it used.
 GPU_HOURLY_USD = [("H100", 3.0), ("H200", 3.5), ("B200", 5.0), ("A100", 1.8)]

@@ -28,8 +28,6 @@ torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-b
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval
 
 curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --device-batch-size=16 --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN  # 16 rows, as the base run
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft
 python -m nanochat.report generate

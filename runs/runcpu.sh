@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on a CPU (a laptop, or a machine with no network): tokenizer -> pretraining ->
-# bpb + CORE -> mid-training -> SFT -> chat eval -> report, then one answer from the chat model.
+# bpb + CORE -> SFT -> chat eval -> report, then one answer from the chat model.
 #
 #   bash runs/runcpu.sh            # ~40 minutes on 2 cores: a d4 model (it babbles, but end to end)
 #   bash runs/runcpu.sh --smoke    # every stage shrunk to a few steps (CI, ~5-10 minutes)
@@ -27,8 +27,7 @@ if [ "$SMOKE" = 1 ]; then
     BASE="--depth=2 --head-dim=64 --max-seq-len=256 --device-batch-size=4 --total-batch-size=2048 --num-iterations=20 --eval-every=10 --eval-tokens=16384 --sample-every=20"
     BASE_LOSS="--device-batch-size=4 --split-tokens=16384"
     CORE="--max-per-task=8"
-    MID="--max-seq-len=256 --device-batch-size=4 --total-batch-size=2048 --num-iterations=10 --eval-every=5 --eval-tokens=8192"
-    SFT="--max-seq-len=256 --device-batch-size=4 --total-batch-size=4096 --num-iterations=10 --eval-every=5"
+    SFT="--num-iterations=10 --eval-every=5 --eval-tokens=8192 --chatcore-every=10 --chatcore-max-cat=4 --chatcore-max-gen=1"
     EVAL="--max-problems=4 --max-new-tokens=32"
 else
     # d4, vocab 8192, seq 512, 4096 tokens/step, 300 steps: ~15 minutes of pretraining on 2 cores
@@ -36,8 +35,9 @@ else
     BASE="--depth=4 --head-dim=64 --window-pattern=L --max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations=300 --eval-every=100 --eval-tokens=131072 --sample-every=300"
     BASE_LOSS="--device-batch-size=8 --split-tokens=131072"
     CORE="--max-per-task=50"
-    MID="--max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations=150 --eval-every=50 --eval-tokens=65536"
-    SFT="--max-seq-len=512 --device-batch-size=8 --total-batch-size=16384 --num-iterations=100 --eval-every=50"
+    # SFT continues the base run (4096 tokens/step, its LRs and optimizer state): 500 steps cost about
+    # what the former mid-training + SFT did (dev/LOG.md)
+    SFT="--num-iterations=500 --eval-every=100 --eval-tokens=65536 --chatcore-every=200 --chatcore-max-cat=50 --chatcore-max-gen=8"
     EVAL="--max-problems=50 --max-new-tokens=128"
 fi
 COMMON="--device-type=cpu"
@@ -49,8 +49,6 @@ python -m scripts.tok_eval
 python -m scripts.base_train $COMMON $BASE --core-metric-every=-1
 python -m scripts.base_loss $COMMON $BASE_LOSS
 python -m scripts.base_eval $COMMON $CORE
-python -m scripts.mid_train $COMMON $MID
-python -m scripts.chat_eval $COMMON -i mid $EVAL
 python -m scripts.chat_sft $COMMON $SFT
 python -m scripts.chat_eval $COMMON -i sft $EVAL
 python -m nanochat.report generate

@@ -35,11 +35,9 @@ torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=2
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval
 
-# identity conversations teach the model who it is (mid-training and SFT read them)
+# identity conversations teach the model who it is (SFT reads them)
 curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
 
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft
 

@@ -3,7 +3,7 @@ The CORE metric of a trained model (DCLM's in-context-learning tasks; see nanoch
 
     python -m scripts.base_eval                                   # latest base model, every example
     python -m scripts.base_eval --max-per-task=100                # quicker and noisier
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- -i mid
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- -i sft
 
 The eval bundle comes from $NANOCHAT_DATA_DIR/eval_bundle, else base_dir/eval_bundle (downloaded there
 once). A bundle that lacks some task files gives a score labelled e.g. "CORE (18/22 tasks)".

@@ -209,7 +209,10 @@ def print_samples():
 def save(step, val_bpb):
     meta = {"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-            "dataloader_state_dict": dataloader_state, "loop_state": loop_state}
+            "dataloader_state_dict": dataloader_state, "loop_state": loop_state,
+            # the batch size and LRs (batch-scaled) this run trained with: chat_sft continues with them
+            "resolved": {"total_batch_size": args.total_batch_size, **{f"{name}_lr": getattr(args, f"{name}_lr") * batch_lr_scale
+                                                                       for name in ("embedding", "unembedding", "matrix", "scalar")}}}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
     print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
     if master_process and args.keep_last:

@@ -38,7 +38,7 @@ def stream_reply(engine, tokens, temperature, top_k):
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"])
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")

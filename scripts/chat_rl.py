@@ -9,9 +9,10 @@ Simplifications of GRPO, each because it is not needed when every update is on f
 on-policy (one update per batch of samples, so no importance ratio and no ratio clipping), no KL
 penalty to a reference model, advantage = reward - mean reward of the question's samples (no division
 by the std), and token-level normalisation (the objective is summed over every sampled token of the
-step and divided by their number, so long answers are not down-weighted per token).
+step, on all ranks, and divided by their number, so long answers are not down-weighted per token).
 Only tokens the model sampled get a gradient: the prompt and the calculator outputs the Engine forced
-in have mask 0. Rank r takes its own questions; rewards are all-reduced for logging.
+in have mask 0. Rank r takes its own questions; rewards are all-reduced for logging. The advantage,
+the loss and its normalisation are nanochat/chat_train.py's.
 The story: args -> init -> model -> optimizer -> data -> loop -> save.
 """
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
+from nanochat.chat_train import training_rows, group_advantages, policy_gradient_loss, loss_normaliser
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
 from nanochat.report import get_report
@@ -35,7 +37,7 @@ from tasks.gsm8k import GSM8K
 parser = argparse.ArgumentParser(description="Simplified GRPO on GSM8K")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint stage to start from")
+parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft"], help="checkpoint stage to start from")
 parser.add_argument("--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
 parser.add_argument("--step", type=int, default=None, help="step to start from (default: the last)")
 parser.add_argument("--num-epochs", type=positive(int), default=1, help="passes over the GSM8K train questions")
@@ -104,18 +106,6 @@ def completions(prompt, sequences):
     return [tokenizer.decode(sequence[len(prompt):]) for sequence in sequences]
 
 
-def to_training_rows(sequences, masks):
-    """-> inputs, targets (N, L): targets are the next tokens where the model sampled them, else -1."""
-    width = max(len(s) for s in sequences) - 1
-    inputs = torch.full((len(sequences), width), tokenizer.get_bos_token_id(), dtype=torch.long)
-    targets = torch.full((len(sequences), width), -1, dtype=torch.long)
-    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
-        n = len(sequence) - 1
-        inputs[row, :n] = torch.tensor(sequence[:-1])
-        targets[row, :n] = torch.tensor([t if m else -1 for t, m in zip(sequence[1:], mask[1:])])
-    return inputs.to(device), targets.to(device)
-
-
 def all_reduce_sum(values):
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if ddp:
@@ -172,28 +162,28 @@ while True:
     synchronize(device_type)
     t0 = time.time()
     # 1) sample: this rank's questions of the step, num_samples answers each, with their rewards
-    sequences, masks, advantages, rewards, completion_lengths = [], [], [], [], []
+    sequences, masks, rewards, completion_lengths = [], [], [], []
     for j in range(rank, args.examples_per_step, world_size):
         index = (step * args.examples_per_step + j) % len(train_task)
         conversation = train_task[index]
         prompt, question_sequences, question_masks = sample_answers(conversation, args.num_samples, seed=step * 10**6 + index)
-        question_rewards = torch.tensor([train_task.reward(conversation, c) for c in completions(prompt, question_sequences)])
+        rewards.append([train_task.reward(conversation, c) for c in completions(prompt, question_sequences)])
         sequences += question_sequences
         masks += question_masks
-        rewards += question_rewards.tolist()
-        advantages += (question_rewards - question_rewards.mean()).tolist()
         completion_lengths += [len(s) - len(prompt) for s in question_sequences]
 
-    # 2) policy gradient: maximise sum(advantage * log p(sampled token)) / number of sampled tokens
-    inputs, targets = to_training_rows(sequences, masks)
-    advantages = torch.tensor(advantages, dtype=torch.float32, device=device)
-    num_sampled_tokens = (targets >= 0).sum().clamp(min=1)
+    # 2) policy gradient: minimise -sum(advantage * log p(sampled token)) / number of sampled tokens
+    inputs, targets = training_rows(list(zip(sequences, masks)), max(len(s) for s in sequences) - 1,
+                                    tokenizer.get_bos_token_id())
+    inputs, targets = inputs.to(device), targets.to(device)
+    rewards = torch.tensor(rewards, dtype=torch.float32)  # (questions of this rank, num_samples)
+    advantages = group_advantages(rewards).flatten().to(device)
+    normaliser = loss_normaliser([targets])
     for first in range(0, len(sequences), args.device_batch_size):
         rows = slice(first, first + args.device_batch_size)
         with autocast:
-            log_probs = -model(inputs[rows], targets[rows], loss_reduction="none")  # 0 where target is -1
-        objective = (log_probs * advantages[rows, None]).sum() / num_sampled_tokens
-        (-objective).backward()
+            token_nll = model(inputs[rows], targets[rows], loss_reduction="none")
+        policy_gradient_loss(token_nll, targets[rows], advantages[rows], normaliser).backward()
     lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
     optimizer.step()
@@ -202,7 +192,7 @@ while True:
     dt = time.time() - t0
     step += 1
 
-    reward_sum, num_answers, completion_tokens = all_reduce_sum([sum(rewards), len(rewards), sum(completion_lengths)])
+    reward_sum, num_answers, completion_tokens = all_reduce_sum([rewards.sum().item(), rewards.numel(), sum(completion_lengths)])
     mean_reward, mean_length = reward_sum / num_answers, completion_tokens / num_answers
     total_training_time += dt
     eta = total_training_time / step * (num_iterations - step)

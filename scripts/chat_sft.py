@@ -1,15 +1,20 @@
 """
-Supervised fine-tuning: teach the mid-trained model to answer, one whole conversation per row.
+Supervised fine-tuning: turn a base model into a chat model, in one stage.
 
-    python -m scripts.chat_sft --device-batch-size=4 --max-seq-len=512 --total-batch-size=4096   # CPU
-    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- -i mid
+    python -m scripts.chat_sft                                        # from the latest base model
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft
 
-Unlike mid-training, rows are not packed: each row is one conversation from its start (truncated to
---max-seq-len), padded to the batch's longest row, and the loss is only on the tokens the assistant
-must produce (mask 1 of render_conversation; user turns, tool outputs and padding get target -1), so
-training time goes to exactly the behaviour we want. Gradient accumulation normalises by the number
-of target tokens of the whole step, so long and short answers weigh the same per token.
-Reports val loss and next-token accuracy on held-out conversations; task accuracies are chat_eval's.
+Data: one shuffled mixture of conversations: general chat (SmolTalk), multiple choice (MMLU, 3 passes),
+math with calculator calls (GSM8K, 4 passes), who the model is (identity, 2 passes) and spelling. They
+are rendered in the chat format and best-fit packed into rows of max_seq_len + 1 tokens, each row
+padded after its last whole conversation, none cropped (nanochat/chat_train.py). The loss is only on
+the tokens the assistant must produce, averaged over every such token of the optimizer step.
+The run continues the base run: tokens per step, the (batch-scaled) learning rates and, when saved for
+this number of ranks, the optimizer's moments come from the source checkpoint. The LR starts at
+--init-lr-frac of the base LRs and decays linearly to 0 over the last --warmdown-ratio of training;
+the horizon is one pass over the mixture, or --num-iterations optimizer steps.
+Evaluation: val bpb on the assistant's tokens of held-out conversations, and ChatCORE (chat_eval's
+metric on capped task prefixes) every --chatcore-every steps.
 The story: args -> init -> model -> optimizer -> data -> loop -> save.
 """
 
@@ -19,46 +24,51 @@ import argparse
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
+from nanochat.chat_train import conversation_batches, loss_normaliser, load_optimizer_state
+from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
+from nanochat.tokenizer import get_token_bytes
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from tasks.common import TaskMixture, first_examples
-from tasks.arc import ARC
-from tasks.gsm8k import GSM8K
+from tasks.chatcore import TASKS, evaluate_task, chatcore
 from tasks.smoltalk import SmolTalk
+from tasks.mmlu import MMLU, mmlu_training_set
+from tasks.gsm8k import GSM8K
 from tasks.customjson import CustomJSON, default_identity_path
 from tasks.spellingbee import SpellingBee, SimpleSpelling
 
 # -----------------------------------------------------------------------------
-parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations (loss on assistant tokens)")
+parser = argparse.ArgumentParser(description="Fine-tune a base model on a mixture of conversations")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("-i", "--source", type=str, default="mid", choices=["base", "mid"], help="checkpoint stage to start from")
-parser.add_argument("--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
-parser.add_argument("--step", type=int, default=None, help="step to start from (default: the last)")
-parser.add_argument("--device-batch-size", type=positive(int), default=4, help="conversations per forward pass per device")
-parser.add_argument("--max-seq-len", type=positive(int), default=2048, help="conversations are truncated to this many tokens")
-parser.add_argument("--total-batch-size", type=positive(int), default=32 * 2048,
-                    help="tokens per optimizer step, all ranks, counted as rows x max_seq_len (default: 32 conversations)")
-parser.add_argument("--num-epochs", type=positive(int), default=1)
-parser.add_argument("--num-iterations", type=int, default=-1, help="steps to train (-1 = --num-epochs passes)")
-parser.add_argument("--embedding-lr", type=positive(float), default=0.2)
-parser.add_argument("--unembedding-lr", type=positive(float), default=0.004)
-parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
-parser.add_argument("--init-lr-frac", type=positive(float), default=0.02, help="fine-tuning starts at this fraction of the base LRs")
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1 = only at the end)")
-parser.add_argument("--eval-examples", type=positive(int), default=1024, help="val conversations per evaluation")
+parser.add_argument("-i", "--source", type=str, default="base", choices=["base"], help="checkpoint stage to start from")
+parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
+parser.add_argument("-s", "--step", type=int, default=None, help="step to start from (default: the last)")
+parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per device (-1 = the source run's)")
+parser.add_argument("--max-seq-len", type=int, default=-1, help="tokens per row (-1 = the model's context)")
+parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = the source run's)")
+parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture)")
+parser.add_argument("--init-lr-frac", type=positive(float), default=0.8, help="LRs start at this fraction of the source run's")
+parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="LR decays linearly to 0 over this last fraction")
+parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1 = only at the end)")
+parser.add_argument("--eval-tokens", type=positive(int), default=20 * 524288, help="val tokens per evaluation")
+parser.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE every N steps (-1 = never, 0 = only at the end)")
+parser.add_argument("--chatcore-max-cat", type=int, default=1000, help="problems per multiple-choice task (-1 = all)")
+parser.add_argument("--chatcore-max-gen", type=int, default=24, help="problems per generative task (-1 = all)")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
+if not 0 <= args.warmdown_ratio <= 1:
+    parser.error(f"--warmdown-ratio must be in [0, 1], got {args.warmdown_ratio}")
+CHATCORE_MAX_NEW_TOKENS = 256  # room for a worked GSM8K answer; longer ones are cut and count as wrong
 
 # -----------------------------------------------------------------------------
 print_banner()
@@ -70,24 +80,45 @@ wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master_process)
 
 model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
 model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
+token_bytes = get_token_bytes(device=device)
 use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
-train_model = torch.compile(model, dynamic=False) if use_compile else model
-# A compiled graph is specialised to its input shape: rounding row widths up to a multiple of 256 caps
-# the number of compilations at max_seq_len/256 (8 at 2048, torch's default recompile limit).
-# Eager mode pays nothing per shape, so it pads only to the longest row.
-pad_multiple = 256 if use_compile else 1
+train_model = torch.compile(model, dynamic=False) if use_compile else model  # every row is T tokens: static shapes
 
-world_rows_per_fwdbwd = args.device_batch_size * world_size
-if args.total_batch_size % (world_rows_per_fwdbwd * args.max_seq_len) != 0:
-    parser.error(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size * max_seq_len "
-                 f"* world_size = {world_rows_per_fwdbwd * args.max_seq_len}")
-grad_accum_steps = args.total_batch_size // (world_rows_per_fwdbwd * args.max_seq_len)
-examples_per_step = world_rows_per_fwdbwd * grad_accum_steps
-print0(f"Batch: {examples_per_step} conversations/step = {args.device_batch_size} x {world_size} ranks x "
+# Batch and LRs: the values the source run resolved and trained with (its batch-size rule may be automatic),
+# not its flags. The batch can be overridden, e.g. to fit memory.
+resolved = source_meta.get("resolved")
+if resolved is None:
+    raise SystemExit(f"The {args.source} checkpoint in {source_dir} does not record the batch size and LRs it trained "
+                     f"with (it predates that): add to its meta_{source_meta['step']:06d}.json a \"resolved\" entry "
+                     f"{{\"total_batch_size\", \"embedding_lr\", \"unembedding_lr\", \"matrix_lr\", \"scalar_lr\"}}")
+device_batch_size = args.device_batch_size if args.device_batch_size > 0 else source_meta.get("device_batch_size")
+if device_batch_size is None:
+    parser.error(f"the checkpoint in {source_dir} does not record its device batch size: pass --device-batch-size")
+max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
+total_batch_size = args.total_batch_size if args.total_batch_size > 0 else resolved["total_batch_size"]
+world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size
+if total_batch_size % world_tokens_per_fwdbwd != 0:
+    parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
+                 f"world_size = {world_tokens_per_fwdbwd}: set --total-batch-size or --device-batch-size")
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+lrs = {name: resolved[name] for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
+print0(f"Batch: {total_batch_size:,} tokens/step = {device_batch_size} rows x {max_seq_len} x {world_size} ranks x "
        f"{grad_accum_steps} accumulation steps")
+print0("LRs of the source run: " + ", ".join(f"{name} {lr:.6g}" for name, lr in lrs.items()) +
+       f"; fine-tuning starts at {args.init_lr_frac}x")
 
-optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                  matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+# The optimizer continues the source run's: its moments already fit this model's gradients.
+optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
+optimizer_state, note = load_optimizer_state(source_dir, source_meta["step"], rank, world_size, device)
+if optimizer_state is not None:
+    try:
+        optimizer.load_state_dict(optimizer_state)
+        note = f"optimizer warm-started from {source_dir} step {source_meta['step']}"
+    except ValueError as e:
+        note = f"the saved optimizer state does not fit this model ({e}); starting a fresh optimizer"
+    del optimizer_state
+print0(f"Note: {note}")
 
 # -----------------------------------------------------------------------------
 # Data
@@ -95,100 +126,118 @@ def capped(task):
     return first_examples(task, args.max_examples_per_task)
 
 
-identity_path = default_identity_path()
-if not os.path.exists(identity_path):
-    print0(f"Note: no identity conversations at {identity_path}; fine-tuning without them")
+def identity_tasks():
+    path = default_identity_path()
+    if not os.path.exists(path):
+        print0(f"Note: no identity conversations at {path}; fine-tuning without them")
+        return []
+    return [capped(CustomJSON(filepath=path))] * 2
+
+
 train_tasks = [
-    capped(ARC(subset="ARC-Easy", split="train")),
-    capped(ARC(subset="ARC-Challenge", split="train")),
-    capped(GSM8K(subset="main", split="train")),
-    capped(SmolTalk(split="train", stop=10_000)),  # a general-chat subset keeps answers conversational
-    *([capped(CustomJSON(filepath=identity_path))] if os.path.exists(identity_path) else []),
-    capped(SimpleSpelling(size=300, split="train")),  # a little spelling, to keep what mid-training taught
-    capped(SpellingBee(size=300, split="train")),
+    capped(SmolTalk(split="train")),  # general conversations
+    *[capped(mmlu_training_set())] * 3,  # multiple choice, 3 passes (offline: a small local stand-in, it says so)
+    *[capped(GSM8K(subset="main", split="train"))] * 4,  # math with calculator tool calls, 4 passes
+    *identity_tasks(),  # who the model is, 2 passes
+    capped(SimpleSpelling(size=200000, split="train")),  # spelling, so letters inside tokens become visible
+    capped(SpellingBee(size=80000, split="train")),  # letter counting with a python tool call
 ]
 train_dataset = TaskMixture(train_tasks)
-val_dataset = capped(SmolTalk(split="test"))
-num_iterations = args.num_iterations if args.num_iterations > 0 else \
-    max(1, args.num_epochs * len(train_dataset) // examples_per_step)
-print0(f"Train mixture: {len(train_dataset):,} conversations; val: {len(val_dataset):,}; {num_iterations} steps")
+val_dataset = TaskMixture([capped(SmolTalk(split="test")),
+                           capped(MMLU(subset="all", split="test", stop=5200)),
+                           capped(GSM8K(subset="main", split="test", stop=420))])
+print0(f"Train mixture: {len(train_dataset):,} conversations ({', '.join(str(len(t)) for t in train_tasks)}); "
+       f"val mixture: {len(val_dataset):,}")
 
 
-def collate(rendered):
-    """(ids, mask) pairs -> inputs, targets (B, L): target -1 where nothing is to be learned, or padding."""
-    width = max(len(ids) for ids, _ in rendered) - 1
-    width = min(-(-width // pad_multiple) * pad_multiple, args.max_seq_len)
-    pad_id = tokenizer.get_bos_token_id()  # any valid id: its targets are -1
-    inputs = torch.full((len(rendered), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(rendered), width), -1, dtype=torch.long)
-    for row, (ids, mask) in enumerate(rendered):
-        n = len(ids) - 1
-        inputs[row, :n] = torch.tensor(ids[:-1])
-        targets[row, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-    return inputs.to(device), targets.to(device)
+def batches(dataset):
+    return conversation_batches(dataset, tokenizer, device_batch_size, max_seq_len, device, rank, world_size)
 
 
-def sft_batches(dataset):
-    """Yield (inputs, targets) forever: rank r takes conversations r, r+W, ... of dataset, cycling."""
-    cursor = rank
-    while True:
-        rendered = []
-        for _ in range(args.device_batch_size):
-            rendered.append(tokenizer.render_conversation(dataset[cursor % len(dataset)], max_tokens=args.max_seq_len + 1))
-            cursor += world_size
-        yield collate(rendered)
+eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
 
 
-@torch.no_grad()
-def evaluate_val():
-    """-> (mean loss per target token, next-token accuracy on targets) over --eval-examples conversations."""
+def evaluate_val_bpb():
+    """bpb of the assistant's tokens (the only targets) of the held-out conversations."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nats, correct predictions, target tokens
-    batches = sft_batches(val_dataset)
-    for _ in range(max(1, args.eval_examples // world_rows_per_fwdbwd)):
-        inputs, targets = next(batches)
-        with autocast:
-            logits = model(inputs)
-        sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
-        sums[1] += ((logits.argmax(dim=-1) == targets) & (targets >= 0)).sum()
-        sums[2] += (targets >= 0).sum()
-    if ddp:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    with autocast:
+        bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)
     model.train()
-    num_targets = max(sums[2].item(), 1)
-    return sums[0].item() / num_targets, sums[1].item() / num_targets
+    return bpb
+
+
+chatcore_tasks = {name: make() for name, (make, _) in TASKS.items()} if args.chatcore_every >= 0 else {}
+engine = Engine(model, tokenizer)
+
+
+def evaluate_chatcore():
+    """-> {task: accuracy} on the first --chatcore-max-cat / --chatcore-max-gen problems of each task."""
+    model.eval()
+    accuracies = {}
+    for name, task in chatcore_tasks.items():
+        max_problems = args.chatcore_max_cat if task.eval_type == "categorical" else args.chatcore_max_gen
+        num_correct, num_evaluated = evaluate_task(task, tokenizer, model, engine, None if max_problems < 0 else max_problems,
+                                                   max_new_tokens=CHATCORE_MAX_NEW_TOKENS, device_type=device_type)
+        accuracies[name] = num_correct / max(num_evaluated, 1)
+    model.train()
+    return accuracies
+
+
+def epoch_finished(progress):
+    """Every rank packs at its own pace, so all ranks stop when any of them has seen the whole epoch."""
+    done = torch.tensor(int(progress >= 1.0), device=device)
+    if ddp:
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
+    return bool(done.item())
 
 
 # -----------------------------------------------------------------------------
-# Training loop
-train_batches = sft_batches(train_dataset)
-step, val_loss, val_accuracy = 0, None, None
-smooth_train_loss, ema_beta, total_training_time = 0.0, 0.9, 0.0
-curve = []
+# Training loop. The horizon may be an epoch (its length in steps is unknown until the rows are packed),
+# so the LR schedule runs on progress: the fraction of training done before the step, in thousandths.
+PROGRESS_RESOLUTION = 1000
+train_batches = batches(train_dataset)
+step, val_bpb, chatcore_results = 0, None, None
+# Everything the loop carries from step to step (with the model, optimizer and data position, a resume needs it).
+loop_state = {"progress": 0.0, "smooth_train_loss": 0.0, "total_training_time": 0.0, "curve": []}
+data_state = {"truncated": 0}
+ema_beta = 0.9  # smoothing of the logged train loss
 model.train()
 while True:
-    last_step = step == num_iterations
+    progress = loop_state["progress"]
+    last_step = step == args.num_iterations if args.num_iterations > 0 else (step > 0 and epoch_finished(progress))
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        val_loss, val_accuracy = evaluate_val()
-        print0(f"Step {step:05d} | val loss {val_loss:.4f} | val token accuracy {100 * val_accuracy:.2f}%")
-        curve.append({"step": step, "val_loss": val_loss, "val_token_accuracy": val_accuracy, "time": total_training_time})
-        wandb_run.log({"step": step, "val/loss": val_loss, "val/token_accuracy": val_accuracy})
+        val_bpb = evaluate_val_bpb()
+        print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
+        loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+
+    if args.chatcore_every >= 0 and step > 0 and (last_step or (args.chatcore_every > 0 and step % args.chatcore_every == 0)):
+        accuracies = evaluate_chatcore()
+        label, value = chatcore(accuracies)
+        chatcore_results = {**accuracies, label: value}
+        print0(f"Step {step:05d} | {label} {value:.4f} (first {args.chatcore_max_cat}/{args.chatcore_max_gen} problems per "
+               f"multiple-choice/generative task) | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies.items()))
+        loop_state["curve"].append({"step": step, "chatcore": value, "time": loop_state["total_training_time"]})
+        wandb_run.log({"step": step, "chatcore": value, **{f"chatcore/{k}": v for k, v in accuracies.items()}})
 
     if last_step:
         break
 
+    # one optimizer step = grad_accum_steps micro-batches, all fetched first: the loss is normalised by
+    # the number of trained tokens of the whole step
     synchronize(device_type)
     t0 = time.time()
     micro_batches = [next(train_batches) for _ in range(grad_accum_steps)]
-    num_targets = sum((targets >= 0).sum() for _, targets in micro_batches).clamp(min=1)
+    normaliser = loss_normaliser([targets for _, targets, _ in micro_batches])
     train_loss = torch.zeros((), device=device)
-    for inputs, targets in micro_batches:
+    for inputs, targets, data_state in micro_batches:
         with autocast:
-            loss = train_model(inputs, targets, loss_reduction="none").sum() / num_targets
+            loss = train_model(inputs, targets, loss_reduction="sum") / normaliser
         train_loss += loss.detach()
         loss.backward()
-    lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_ratio=0.0,
+                            warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
     optimizer.step()
     model.zero_grad(set_to_none=True)
@@ -196,35 +245,42 @@ while True:
     synchronize(device_type)
     dt = time.time() - t0
     step += 1
+    progress = step / args.num_iterations if args.num_iterations > 0 else min(data_state["epoch_progress"], 1.0)
+    loop_state["progress"] = progress
 
-    smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-    debiased_loss = smooth_train_loss / (1 - ema_beta ** step)
+    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss
+    debiased_loss = loop_state["smooth_train_loss"] / (1 - ema_beta ** step)
     if step > 10:  # the first steps include compilation and warmup; keep them out of the timing
-        total_training_time += dt
-    num_tokens = sum(inputs.numel() for inputs, _ in micro_batches) * world_size
-    seconds_per_step = total_training_time / (step - 10) if step > 10 else dt
-    eta = seconds_per_step * (num_iterations - step)
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {debiased_loss:.6f} | "
-           f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/sec {int(num_tokens / dt):,} | eta {format_duration(eta)}")
-    curve.append({"step": step, "train_loss": debiased_loss, "time": total_training_time})
+        loop_state["total_training_time"] += dt
+    seconds_per_step = loop_state["total_training_time"] / (step - 10) if step > 10 else dt
+    eta = seconds_per_step * step * (1 - progress) / max(progress, 1e-9)
+    total_steps = f"{args.num_iterations:05d}" if args.num_iterations > 0 else f"~{round(step / max(progress, 1e-9)):05d}"
+    print0(f"step {step:05d}/{total_steps} ({100 * progress:5.1f}%) | loss {debiased_loss:.6f} | lrm {lrm:.2f} | "
+           f"dt {dt * 1000:.0f}ms | tok/sec {int(total_batch_size / dt):,} | eta {format_duration(eta)}")
+    loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": num_tokens / dt})
+                   "train/tok_per_sec": total_batch_size / dt, "train/progress": progress})
 
 # -----------------------------------------------------------------------------
 print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
-print0(f"Total training time: {format_duration(total_training_time)}")
+print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
+print0(f"Conversations longer than a row, truncated to it: {data_state['truncated']:,} (rank 0)")
 if not args.dry_run:
     checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], model_tag)
-    meta = {"step": step, "val_loss": val_loss, "val_token_accuracy": val_accuracy, "model_config": asdict(model.config),
-            "user_config": user_config, "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta, rank=rank)  # fresh optimizer in RL
+    meta = {"step": step, "val_bpb": val_bpb, "chatcore": chatcore_results, "model_config": asdict(model.config),
+            "user_config": user_config, "device_batch_size": device_batch_size, "max_seq_len": max_seq_len,
+            "resolved": {"total_batch_size": total_batch_size, **lrs},
+            "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta, rank=rank)  # RL starts a fresh optimizer
     get_report().log(section="Chat SFT", data=[user_config, {
         "Training conversations": len(train_dataset),
         "Number of iterations": step,
+        "Tokens per step": total_batch_size,
         "DDP world size": world_size,
-        "Final validation loss": val_loss,
-        "Final validation token accuracy": val_accuracy,
-        "Total training time": format_duration(total_training_time),
-    }], curve=curve)
+        "Final validation bpb": val_bpb,
+        **(chatcore_results or {}),
+        "Total training time": format_duration(loop_state["total_training_time"]),
+        "Peak memory (MiB)": round(get_max_memory_mb(device_type)),
+    }], curve=loop_state["curve"])
 wandb_run.finish()
 compute_cleanup()

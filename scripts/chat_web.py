@@ -455,7 +455,7 @@ def is_loopback(host):
 def main():
     parser = argparse.ArgumentParser(description="Serve the chat UI and an OpenAI-compatible API")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"])
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k")
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")

@@ -3,7 +3,7 @@ MMLU: 4-choice questions over 57 subjects, asked as a multiple-choice prompt; th
 subset "all" has splits dev (285), validation (1,531; "val" also accepted), test (14,042): local
 files chat/mmlu/{dev,val,test}/<subject>_<split>.csv.gz (original csv: question, A, B, C, D, letter),
 else the hub's cais/mmlu. subset "auxiliary_train" (split "train", ~100k questions from other
-multiple-choice sets, used by mid-training) exists only on the hub: see mid_train_mmlu() for the
+multiple-choice sets, used by SFT) exists only on the hub: see mmlu_training_set() for the
 offline stand-in.
 """
 
@@ -73,9 +73,9 @@ class MMLU(Task):
         return assistant_response == conversation["messages"][-1]["content"]
 
 
-def mid_train_mmlu(data_dir=None):
+def mmlu_training_set(data_dir=None):
     """
-    The MMLU-style data mid-training teaches the multiple-choice format with: auxiliary_train from
+    The MMLU-style data SFT teaches the multiple-choice format with: auxiliary_train from
     the hub when it can be reached; otherwise (offline) the local dev + validation splits
     (1,816 questions) as a much smaller stand-in. MMLU is evaluated on test, so neither overlaps it.
     Set HF_HUB_OFFLINE=1 offline, or the hub attempt spends ~25 s in retries first.

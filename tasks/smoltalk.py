@@ -1,5 +1,5 @@
 """
-SmolTalk: general multi-turn conversations for mid-training and SFT.
+SmolTalk: general multi-turn conversations for SFT.
 Online: the hub's HuggingFaceTB/smol-smoltalk (splits train and test, ~460k + ~24k conversations).
 Offline STAND-IN: no permissively licensed general chat set is in the local data tree, so the MIT
 licensed Anthropic HH-RLHF harmless-base test file (chat/instruct/hh-rlhf_harmless-base_test.jsonl.gz,

@@ -1,7 +1,7 @@
 """
-scripts/chat_eval.py: the categorical eval reads the right logits, ChatCORE centres by the random
-baselines, and the whole script runs every task end to end, single-process and under torchrun (2 ranks,
-gloo) with identical counts.
+ChatCORE (tasks/chatcore.py) and scripts/chat_eval.py: the categorical eval reads the right logits,
+ChatCORE centres by the random baselines, and the whole script runs every task end to end,
+single-process and under torchrun (2 ranks, gloo) with identical counts.
 """
 import json
 import os
@@ -16,6 +16,7 @@ from conftest import REPO_ROOT, TEST_DATA
 from test_chat_stages import make_tiny_checkpoint, MODEL_TAG
 
 import scripts.chat_eval as chat_eval
+from tasks.chatcore import TASKS, run_categorical_eval, chatcore
 
 
 class AnswerAfterPromptModel:
@@ -49,7 +50,7 @@ def test_categorical_accuracy_is_fraction_of_gold_letter(tiny_tokenizer):
     accuracies = {}
     for answer, decoy in [("A", "B"), ("B", "C"), ("C", "D"), ("D", "A")]:
         model = AnswerAfterPromptModel(tiny_tokenizer.get_vocab_size(), trigger_id, letter_id[answer], letter_id[decoy])
-        num_correct, num_evaluated = chat_eval.run_categorical_eval(task, tiny_tokenizer, model, batch_size=5,
+        num_correct, num_evaluated = run_categorical_eval(task, tiny_tokenizer, model, batch_size=5,
                                                                     max_problems=num_problems)
         assert num_evaluated == num_problems
         assert num_correct == sum(gold == answer for gold in golds)
@@ -60,16 +61,16 @@ def test_categorical_accuracy_is_fraction_of_gold_letter(tiny_tokenizer):
 
 def test_chatcore_centres_by_random_baseline():
     accuracies = {"ARC-Easy": 0.40, "MMLU": 0.25, "GSM8K": 0.10}
-    label, value = chat_eval.chatcore(accuracies)
+    label, value = chatcore(accuracies)
     assert label == "ChatCORE (3/6 tasks)"
     assert value == pytest.approx(((0.40 - 0.25) / 0.75 + 0.0 + 0.10) / 3)
-    label, value = chat_eval.chatcore({name: 1.0 for name in chat_eval.TASKS})
+    label, value = chatcore({name: 1.0 for name in TASKS})
     assert (label, value) == ("ChatCORE", pytest.approx(1.0))
 
 
 def test_parse_task_names_rejects_unknown():
     assert chat_eval.parse_task_names("ARC-Easy|GSM8K") == ["ARC-Easy", "GSM8K"]
-    assert chat_eval.parse_task_names("") == list(chat_eval.TASKS)
+    assert chat_eval.parse_task_names("") == list(TASKS)
     with pytest.raises(SystemExit, match="Unknown task"):
         chat_eval.parse_task_names("ARC-Easy,Hellaswag")
 
@@ -108,9 +109,9 @@ def single_process_run(sft_base_dir):
 @pytest.mark.slow
 def test_chat_eval_all_tasks_report_accuracy_and_chatcore(sft_base_dir, single_process_run):
     output, counts = single_process_run
-    assert set(counts) == set(chat_eval.TASKS)
+    assert set(counts) == set(TASKS)
     assert all(n == 4 and 0 <= c <= n for c, n in counts.values()), counts
-    baselines = {name: baseline for name, (_, baseline) in chat_eval.TASKS.items()}
+    baselines = {name: baseline for name, (_, baseline) in TASKS.items()}
     expected = sum((c / n - baselines[name]) / (1 - baselines[name]) for name, (c, n) in counts.items()) / len(counts)
     printed = float(re.search(r"^ChatCORE: (-?[\d.]+)$", output, re.MULTILINE).group(1))
     assert printed == pytest.approx(expected, abs=1e-4)

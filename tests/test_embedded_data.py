@@ -26,7 +26,7 @@ def test_every_stage_finds_its_data_in_the_sample(embedded):
     from tasks.customjson import CustomJSON, default_identity_path
     from tasks.gsm8k import GSM8K
     from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU, mid_train_mmlu
+    from tasks.mmlu import MMLU, mmlu_training_set
     from tasks.smoltalk import SmolTalk
     from tasks.spellingbee import SpellingBee
 
@@ -41,7 +41,7 @@ def test_every_stage_finds_its_data_in_the_sample(embedded):
     chat_tasks = [ARC(subset, split) for subset in ("ARC-Easy", "ARC-Challenge") for split in ("train", "test")]
     chat_tasks += [MMLU("all", split) for split in ("dev", "val", "test")] + [GSM8K(split=s) for s in ("train", "test")]
     chat_tasks += [HumanEval(), SmolTalk("train"), SmolTalk("test"), CustomJSON(default_identity_path())]
-    chat_tasks += [mid_train_mmlu(), SpellingBee(size=DEMO_MAX_PER_TASK)]  # no hub attempt: nothing is downloaded
+    chat_tasks += [mmlu_training_set(), SpellingBee(size=DEMO_MAX_PER_TASK)]  # no hub attempt: nothing is downloaded
     assert all(len(task) >= DEMO_MAX_PER_TASK for task in chat_tasks)  # chat_eval --max-problems=50
 
 @needs_shared_data

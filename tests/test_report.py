@@ -22,7 +22,7 @@ def log_pipeline(report):
     curve += [{"step": s, "val_bpb": 3.5 - s / 300, "time": 2.0 * s} for s in (0, 100, 200, 300)]
     report.log(section="Base model training", data=[{"depth": 4, "lr": 0.02}, {"Minimum validation bpb": 2.5}], curve=curve)
     report.log(section="Tokenizer training", data=["Trained on local shards.", {"vocab_size": 8192, "train_time": 12.25}])
-    report.log(section="Chat evaluation mid", data=[{"ARC-Easy": 0.25, "GSM8K": 0.0}])
+    report.log(section="Chat evaluation rl", data=[{"ARC-Easy": 0.25, "GSM8K": 0.0}])
 
 
 def test_generate_assembles_sections_summary_and_plots(report, base_dir, tmp_path):
@@ -33,19 +33,19 @@ def test_generate_assembles_sections_summary_and_plots(report, base_dir, tmp_pat
     assert (tmp_path / "report.md").read_text() == text
 
     order = ["# nanochat training report", "## Tokenizer training", "## Base model training", "## Base model evaluation",
-             "## Chat evaluation mid", "## Chat evaluation sft", "## Summary"]
+             "## Chat evaluation sft", "## Chat evaluation rl", "## Summary"]
     positions = [text.index(heading) for heading in order]
     assert positions == sorted(positions)
     assert "- vocab_size: 8,192" in text and "- train_time: 12.25" in text and "Trained on local shards." in text
     assert "- lr: 0.02" in text and "Training curve: 304 points" in text
 
-    assert "| Metric | BASE | MID | SFT | RL |" in text
-    assert "| CORE (18/22 tasks) | 0.1234 | - | - | - |" in text
-    assert "| ARC-Easy | - | 0.2500 | 0.3125 | - |" in text
-    assert "| ARC-Challenge | - | - | - | - |" in text
-    assert "| MMLU | - | - | 0.2700 | - |" in text
-    assert "| GSM8K | - | 0.0000 | - | - |" in text
-    assert "| ChatCORE | - | - | 0.0510 | - |" in text
+    assert "| Metric | BASE | SFT | RL |" in text
+    assert "| CORE (18/22 tasks) | 0.1234 | - | - |" in text
+    assert "| ARC-Easy | - | 0.3125 | 0.2500 |" in text
+    assert "| ARC-Challenge | - | - | - |" in text
+    assert "| MMLU | - | 0.2700 | - |" in text
+    assert "| GSM8K | - | - | 0.0000 |" in text
+    assert "| ChatCORE | - | 0.0510 | - |" in text
 
     png = base_dir / "report" / "base-model-training-curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,8 +89,8 @@ def test_relogging_a_section_replaces_it(report, base_dir):
 
 def test_values_are_stored_as_plain_json(report, base_dir):
     import torch
-    report.log(section="Midtraining", data=[{"loss": torch.tensor(1.5), "shape": (2, 3), "obj": object}])
-    data = json.loads((base_dir / "report" / "midtraining.json").read_text())["data"]
+    report.log(section="Chat SFT", data=[{"loss": torch.tensor(1.5), "shape": (2, 3), "obj": object}])
+    data = json.loads((base_dir / "report" / "chat-sft.json").read_text())["data"]
     assert data[0]["loss"] == 1.5 and data[0]["shape"] == [2, 3] and isinstance(data[0]["obj"], str)
 
 

@@ -18,7 +18,7 @@ from tasks.common import Task, TaskMixture, TaskSequence, render_mc
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
-from tasks.mmlu import MMLU, mid_train_mmlu
+from tasks.mmlu import MMLU, mmlu_training_set
 from tasks.smoltalk import SmolTalk, parse_hh_dialogue
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
@@ -267,7 +267,7 @@ def test_mmlu_agrees_with_raw_files_and_is_shuffled():
 def test_mmlu_auxiliary_train_offline_and_its_stand_in():
     with pytest.raises(RuntimeError, match="NANOCHAT_DATA_DIR"):
         MMLU("auxiliary_train", "train")
-    stand_in = mid_train_mmlu()
+    stand_in = mmlu_training_set()
     assert len(stand_in) == len(raw_mmlu_rows("dev")) + len(raw_mmlu_rows("val"))
     assert_valid_conversation(stand_in[len(stand_in) - 1])
 
