@@ -21,7 +21,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, autocast_ctx, get_dist_info, get_base_dir
+from nanochat.common import compute_init, compute_cleanup, print0, get_dist_info, get_base_dir
 from nanochat.checkpoint_manager import load_model, find_largest_model, STAGE_DIRS
 from nanochat.engine import Engine
 from nanochat.report import get_report
@@ -52,7 +52,7 @@ def my_problem_indices(num_problems, max_problems):
 
 
 @torch.no_grad()
-def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, device_type="cpu"):
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     """-> (num_correct, num_evaluated) on this rank. Prompts of a batch are right-padded: with causal
     attention the logits at a prompt's last position never see the padding after it."""
     device = model.get_device()
@@ -64,8 +64,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        with autocast_ctx(device_type):
-            logits = model(ids)
+        logits = model(ids)
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
             letter_ids = [letter_token_id(tokenizer, letter) for letter in letters]
@@ -84,7 +83,7 @@ def letter_token_id(tokenizer, letter):
 
 @torch.no_grad()
 def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None, device_type="cpu"):
+                        max_problems=None):
     """-> (num_correct, num_evaluated) on this rank. A problem counts as solved when any of its
     num_samples completions is judged correct (pass@num_samples). A prompt that fills the model's
     whole context leaves no room for an answer: it counts as unsolved."""
@@ -95,9 +94,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
         num_evaluated += 1
         if len(prompt) >= engine.model.config.sequence_len:
             continue
-        with autocast_ctx(device_type):
-            results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, seed=i)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=i)
         completions = [tokenizer.decode(row[len(prompt):]) for row in results]
         num_correct += int(any(task.evaluate(conversation, c) for c in completions))
     return num_correct, num_evaluated
@@ -145,7 +143,6 @@ def main():
     task_names = parse_task_names(args.task_name)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    device_type = device.type
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
     engine = Engine(model, tokenizer)
@@ -155,10 +152,10 @@ def main():
         t0 = time.time()
         task = TASKS[name][0]()
         if task.eval_type == "categorical":
-            counts = run_categorical_eval(task, tokenizer, model, args.batch_size, args.max_problems, device_type)
+            counts = run_categorical_eval(task, tokenizer, model, args.batch_size, args.max_problems)
         else:
             counts = run_generative_eval(task, tokenizer, engine, args.num_samples, args.max_new_tokens,
-                                         args.temperature, args.top_k, args.max_problems, device_type)
+                                         args.temperature, args.top_k, args.max_problems)
         num_correct, num_evaluated = all_reduce_counts(*counts, device)
         accuracies[name] = num_correct / max(num_evaluated, 1)
         print0(f"{name}: {num_correct}/{num_evaluated} = {100 * accuracies[name]:.2f}% ({time.time() - t0:.1f}s)")

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.report import get_report
 from tasks.common import TaskMixture, first_examples
 from tasks.arc import ARC
@@ -55,7 +55,7 @@ parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1 = only at the end)")
 parser.add_argument("--eval-examples", type=int, default=1024, help="val conversations per evaluation")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
+parser.add_argument("--compile", type=int, default=0, help="torch.compile the model: 1/0 (off: rows come in many widths, each a compile)")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
@@ -68,16 +68,17 @@ print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 device_type = device.type
 master_process = rank == 0
-autocast = autocast_ctx(device_type)
 wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master_process)
 
 model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
 model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
-use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+# Not compiled by default: a compiled graph is specialised to its input shape, and padded rows come in up to
+# max_seq_len/256 widths when compiling (rounded up to multiples of 256: 8 at 2048, torch's default recompile
+# limit). Each width costs a full compile (tens of seconds for d4 on a CPU, dev/LOG.md; more for d20 on a GPU)
+# while the whole fine-tuning is a few hundred steps of a few thousand tokens each, where a compiled step saves
+# milliseconds. Eager mode pays nothing per shape, so it pads only to the longest row.
+use_compile = args.compile == 1
 train_model = torch.compile(model, dynamic=False) if use_compile else model
-# A compiled graph is specialised to its input shape: rounding row widths up to a multiple of 256 caps
-# the number of compilations at max_seq_len/256 (8 at 2048, torch's default recompile limit).
-# Eager mode pays nothing per shape, so it pads only to the longest row.
 pad_multiple = 256 if use_compile else 1
 
 world_rows_per_fwdbwd = args.device_batch_size * world_size
@@ -91,6 +92,7 @@ print0(f"Batch: {examples_per_step} conversations/step = {args.device_batch_size
 
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)
 
 # -----------------------------------------------------------------------------
 # Data
@@ -150,8 +152,7 @@ def evaluate_val():
     batches = sft_batches(val_dataset)
     for _ in range(max(1, args.eval_examples // world_rows_per_fwdbwd)):
         inputs, targets = next(batches)
-        with autocast:
-            logits = model(inputs)
+        logits = model(inputs)
         sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="sum")
         sums[1] += ((logits.argmax(dim=-1) == targets) & (targets >= 0)).sum()
         sums[2] += (targets >= 0).sum()
@@ -187,13 +188,12 @@ while True:
     num_targets = sum((targets >= 0).sum() for _, targets in micro_batches).clamp(min=1)
     train_loss = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
-        with autocast:
-            loss = train_model(inputs, targets, loss_reduction="none").sum() / num_targets
+        loss = train_model(inputs, targets, loss_reduction="none").sum() / num_targets
         train_loss += loss.detach()
-        loss.backward()
+        scaler.scale_loss(loss).backward()
     lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
-    optimizer.step()
+    scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
     train_loss = train_loss.item()
     synchronize(device_type)

@@ -366,8 +366,8 @@ def main():
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-p", "--port", type=int, default=8000)
-    parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
-                        help="compute dtype on CUDA (the CPU always uses float32: bf16 matmuls are slow there)")
+    parser.add_argument("-d", "--dtype", type=str, default="", choices=["", "float32", "bfloat16", "float16"],
+                        help="compute dtype (default: what the device runs fast, see nanochat.common.compute_choice)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
     parser.add_argument("--host", type=str, default="0.0.0.0")
     args = parser.parse_args()
@@ -378,6 +378,8 @@ def main():
     import uvicorn
 
     device_type = args.device_type or autodetect_device_type()
+    if args.dtype:
+        os.environ["NANOCHAT_DTYPE"] = args.dtype  # the one compute-dtype setting: the models and their KV caches read it
     if args.num_gpus < 1:
         parser.error("--num-gpus must be >= 1")
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
@@ -388,15 +390,14 @@ def main():
             model, tokenizer, _ = load_model(args.source, torch.device("cuda", i), phase="eval",
                                              model_tag=args.model_tag, step=args.step)
             replicas.append((model, tokenizer))
-        dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     else:
         # CPU/MPS workers share one copy of the weights: inference never writes to them
         model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval",
                                          model_tag=args.model_tag, step=args.step)
-        replicas, dtype = [(model, tokenizer)] * args.num_gpus, None
+        replicas = [(model, tokenizer)] * args.num_gpus
 
     app = create_app(replicas, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
-                     model_name=f"nanochat-{args.source}", dtype=dtype)
+                     model_name=f"nanochat-{args.source}")
     logger.info(f"Serving {len(replicas)} worker(s) on http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port)
 

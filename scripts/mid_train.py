@@ -23,11 +23,11 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, compute_choice, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
 from nanochat.dataloader import BestFitPacker, BatchStager
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -57,7 +57,7 @@ parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="LR decays
 parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (-1 = only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = where it pays (GPUs, bf16 CPUs)")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
@@ -70,7 +70,7 @@ print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 device_type = device.type
 master_process = rank == 0
-autocast = autocast_ctx(device_type)
+compute = compute_choice(device_type)
 wandb_run = init_wandb(args.run, "nanochat-mid", user_config, master_process)
 
 model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.step)
@@ -79,7 +79,7 @@ if args.max_seq_len > model.config.sequence_len:
     print0(f"Note: --max-seq-len {args.max_seq_len} exceeds the base model's {model.config.sequence_len} (rotary "
            f"tables cover {10 * model.config.sequence_len}); training on longer rows than pretraining")
 token_bytes = get_token_bytes(device=device)
-use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+use_compile = args.compile == 1 or (args.compile == -1 and compute.compile)
 train_model = torch.compile(model, dynamic=False) if use_compile else model  # every row is T tokens: static shapes
 
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
@@ -93,6 +93,7 @@ print0(f"Batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size}
 
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+scaler = GradScaler(enabled=compute.dtype == torch.float16)
 
 # -----------------------------------------------------------------------------
 # Data
@@ -153,8 +154,7 @@ eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
 
 def evaluate_val_bpb():
     model.eval()
-    with autocast:
-        bpb = evaluate_bpb(model, conversation_batches(val_dataset), eval_steps, token_bytes)
+    bpb = evaluate_bpb(train_model, conversation_batches(val_dataset), eval_steps, token_bytes)  # (training shapes)
     model.train()
     return bpb
 
@@ -192,16 +192,15 @@ while True:
     synchronize(device_type)
     t0 = time.time()
     for micro_step in range(grad_accum_steps):
-        with autocast:
-            loss = train_model(x, y)
+        loss = train_model(x, y)
         train_loss = loss.detach()
-        (loss / grad_accum_steps).backward()
+        scaler.scale_loss(loss / grad_accum_steps).backward()
         trained_progress = batch_progress
         x, y, batch_progress = next(train_batches)  # fetch the next batch while the device works
     lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_ratio=0.0,
                             warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
-    optimizer.step()
+    scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
     train_loss = train_loss.item()
     synchronize(device_type)

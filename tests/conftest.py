@@ -5,6 +5,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+# Numerical tests compare against fp32 references, and should not depend on whether this CPU runs bf16
+# natively: fp32 unless the caller says otherwise. Tests of the bf16/fp16 paths ask for them explicitly.
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # The data tree the tests read (layout of ../shared/data); $NANOCHAT_TEST_DATA overrides it.
@@ -36,3 +40,4 @@ def base_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
+

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, build_gpt
+from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt
 from nanochat.optim import MuonAdamW
 
 from conftest import REPO_ROOT
@@ -347,3 +347,65 @@ def test_setup_optimizer_is_distributed_under_torchrun(tmp_path):
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
+
+
+# ------------------------------------------------------------------ compute dtype (no autocast)
+
+
+def test_linear_casts_its_fp32_weight_to_the_input_dtype():
+    linear = Linear(16, 8)
+    x = torch.randn(4, 16).bfloat16().requires_grad_()
+    y = linear(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, x @ linear.weight.bfloat16().T)
+    y.float().sum().backward()
+    assert linear.weight.dtype == linear.weight.grad.dtype == torch.float32  # the master weight and its gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_matches_the_fp32_reference(monkeypatch, dtype):
+    monkeypatch.setenv("NANOCHAT_DTYPE", str(dtype).removeprefix("torch."))
+    config = tiny_config()
+    model = randomize_(build_model(config))
+    assert model.transformer.wte.weight.dtype == dtype and all(t.weight.dtype == dtype for t in model.value_embeds.values())
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if "wte" not in name and "value_embeds" not in name)
+    idx = random_tokens(config, 2, config.sequence_len)
+    logits = model(idx)
+    assert logits.dtype == torch.float32
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    expected = reference_forward(config, sd, idx)
+    relative_error = (logits - expected).norm() / expected.norm()
+    assert relative_error < 0.02  # 8 (bf16) or 11 (fp16) mantissa bits through 4 layers; fp32 agrees to 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_training_step_compiles_once_and_never_again():
+    """
+    The model and optimizer compiled as base_train compiles them: one graph for the model at its input shape,
+    and nothing recompiles over further steps that change the learning rate, momentum and weight decay (they
+    reach the compiled optimizer as tensors), nor when validation reuses the graph in eval mode.
+    """
+    from torch._dynamo.utils import counters
+    from nanochat.optim import MuonAdamW, apply_schedules
+    config = tiny_config(n_layer=2, window_pattern="L")
+    model = build_model(config)
+    optimizer = MuonAdamW(model.setup_optimizer().param_groups, compile=True)
+    train_model = torch.compile(model, dynamic=False)
+    idx = random_tokens(config, 2, config.sequence_len + 1)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for step in range(4):
+        train_model(idx[:, :-1], idx[:, 1:]).backward()
+        if step == 0:
+            assert counters["stats"]["unique_graphs"] == 1  # the whole model, no graph breaks
+        apply_schedules(optimizer, lrm=1.0 - 0.2 * step, muon_momentum=0.85 + 0.03 * step, muon_weight_decay=0.1 * step)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 3, graphs
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            train_model(idx[:, :-1], idx[:, 1:], loss_reduction="none")
+    assert counters["stats"]["unique_graphs"] == graphs[-1] + 1  # one inference graph for validation
