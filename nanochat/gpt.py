@@ -144,6 +144,11 @@ class CausalSelfAttention(nn.Module):
             y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            if not torch.compiler.is_compiling():
+                # Eager: attend over the filled prefix only, its length known on the host (no GPU sync). A compiled
+                # step keeps the whole cache: the same shapes at every position.
+                end = kv_cache.get_pos() + T
+                k_cache, v_cache = k_cache[:, :end], v_cache[:, :end]
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
                                                    causal=True, window_size=window_size)
         return self.c_proj(y.reshape(B, T, -1))
@@ -228,9 +233,9 @@ class GPT(nn.Module):
         self.x0_lambdas.fill_(0.1)
         device = self.get_device()
         self.cos, self.sin = self._precompute_rotary(self.rotary_length, n_embd // self.config.n_head, device)
-        # Settle the attention backend now, eagerly: loading FA3 (and printing the backend) inside a torch.compile
-        # trace would leave graph breaks in the compiled model for good.
-        flash_attention._use_fa3()
+        # Settle the attention backend and build its masks now, eagerly: doing either inside a torch.compile
+        # trace would leave graph breaks or extra work in the compiled model for good.
+        flash_attention.prepare(device, self.config.sequence_len, self.window_sizes)
         # The embeddings' dtype is the model's compute dtype: the activations start in it (see Linear).
         compute_dtype = get_compute_dtype(device.type)
         self.transformer.wte.to(dtype=compute_dtype)

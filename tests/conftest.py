@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from torch.overrides import TorchFunctionMode
 
 # Numerical tests compare against fp32 references, and should not depend on whether this CPU runs bf16
 # natively: fp32 unless the caller says otherwise. Tests of the bf16/fp16 paths ask for them explicitly.
@@ -41,3 +42,15 @@ def base_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
     return d
 
+
+class CountHostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (.item(), .tolist(), int(t), ...): on CUDA each one is a GPU sync."""
+    READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu"}
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))

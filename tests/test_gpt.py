@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt
 from nanochat.optim import MuonAdamW
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, CountHostReads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -376,6 +376,40 @@ def test_low_precision_model_matches_the_fp32_reference(monkeypatch, dtype):
     expected = reference_forward(config, sd, idx)
     relative_error = (logits - expected).norm() / expected.norm()
     assert relative_error < 0.02  # 8 (bf16) or 11 (fp16) mantissa bits through 4 layers; fp32 agrees to 1e-6
+
+
+def test_kv_cache_decoding_never_reads_tensors_back_to_the_host():
+    """Positions come from the cache's Python counter: no GPU sync in any layer of any decode step."""
+    from nanochat.engine import KVCache
+    config = tiny_config()
+    model = randomize_(build_model(config))
+    cache = KVCache(batch_size=2, num_heads=config.n_kv_head, seq_len=20, head_dim=config.n_embd // config.n_head,
+                    num_layers=config.n_layer, device="cpu", dtype=torch.float32)
+    idx = random_tokens(config, 2, 20, seed=5)
+    with torch.no_grad(), CountHostReads() as reads:
+        pieces = [model(idx[:, :12], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]
+    assert reads.count == 0
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_training_and_decoding_keep_every_tensor_on_the_model_device():
+    """
+    A training step and a decode step on the meta device: any tensor the code makes without device=... lands on
+    the CPU and fails to mix with meta tensors, the bug that would break the same code on CUDA. (A FakeTensor
+    "cuda" trace is not possible without CUDA: the CPU build aborts the process on .to() of a fake CUDA tensor.)
+    """
+    from nanochat.engine import KVCache
+    config = tiny_config()
+    model = build_gpt(config, "meta")
+    optimizer = model.setup_optimizer()
+    idx = torch.randint(0, config.vocab_size, (2, 16), device="meta")
+    model(idx, idx).backward()
+    optimizer.step()
+    cache = KVCache(2, config.n_kv_head, 16, config.n_embd // config.n_head, config.n_layer, "meta", torch.float32)
+    with torch.no_grad():
+        model(idx[:, :8], kv_cache=cache)
+        logits = model(idx[:, 8:9], kv_cache=cache)
+    assert logits.device.type == "meta" and logits.shape == (2, 1, config.vocab_size) and cache.get_pos() == 9
 
 
 @pytest.mark.slow
