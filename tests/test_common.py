@@ -95,7 +95,7 @@ def test_cuda_without_a_gpu_is_one_line():
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("--device-type=cuda but torch") and "runs/setup.sh" in lines[0]
+    assert "--device-type=cuda but torch" in lines[0] and "runs/setup.sh" in lines[0]
 
 
 def test_allocator_setting_before_cuda_starts():
