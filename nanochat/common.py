@@ -72,8 +72,8 @@ def autodetect_device_type():
 # -----------------------------------------------------------------------------
 # The compute dtype, the Muon orthogonalization dtype and compile-by-default, decided here for every
 # script, by what the device does fast. Measured (dev/LOG.md): on a CPU with AVX512_BF16 bf16 matmuls run
-# ~4.5x faster than fp32, and the d4 training step 2.3x faster (compiled, bf16 Muon); on an AVX2-only CPU
-# bf16 matmuls run ~100x slower than fp32. CUDA GPUs from Ampere (SM 8.0) on have bf16 tensor cores.
+# ~4.5x faster than fp32, and the d4 training step ~2.9x faster than fp32 eager (bf16 compute and Muon,
+# compiled); on an AVX2-only CPU bf16 matmuls run ~100x slower than fp32. CUDA GPUs from Ampere (SM 8.0) on have bf16 tensor cores.
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -118,8 +118,8 @@ def compute_choice(device_type):
         dtype = DTYPES[name]
         reason += f"; NANOCHAT_DTYPE={name}"
     # Compiling pays on every GPU (fused elementwise kernels, FlexAttention's sliding windows). On a CPU it pays
-    # in native bf16, where it fuses the casts, softcap and loss (d4 step 1.7x faster); in fp32 it gains 15-20%,
-    # about what its cold compile (~1.5 min) costs a few-hundred-step CPU run (dev/LOG.md).
+    # in native bf16, where it fuses the casts, softcap and loss (d4 step 1.3-1.6x faster); in fp32 it gains
+    # 15-22%, about what its cold compile (1-1.5 min) costs a few-hundred-step CPU run (dev/LOG.md).
     compile = device_type == "cuda" or (fast_bf16 and dtype == torch.bfloat16)
     # Muon orthogonalizes in bf16 where that is fast; an fp32 run (say, to rule precision out) stays fp32 throughout.
     orth_dtype = torch.bfloat16 if fast_bf16 and dtype != torch.float32 else torch.float32
