@@ -1,8 +1,8 @@
 """
 Time one MuonAdamW step for the parameters of a GPT of a given --depth, for each orthogonalization
-dtype (fp32, bf16) and with/without torch.compile, on the current device.
-Shapes are built by hand from SPEC §2/§4 (the same groups GPT.setup_optimizer makes), so this runs
-without the model code.
+dtype (fp32, bf16) and with/without torch.compile, on the current device, and print which of them the
+machine's rule (common.compute_choice) picks and why. Shapes are built by hand (the same groups
+GPT.setup_optimizer makes), so this runs without the model code.
 
     python -m dev.bench_optim --depth 4 --head-dim 64 --vocab-size 8192
     python -m dev.bench_optim --depth 20            # GPU
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, synchronize
+from nanochat.common import autodetect_device_type, compute_choice, synchronize
 from nanochat.gpt import config_for_depth
 from nanochat.optim import MuonAdamW
 
@@ -33,7 +33,8 @@ device = torch.device(device_type)
 config = config_for_depth(args.depth, args.vocab_size, 1, args.aspect_ratio, args.head_dim)  # (sequence_len unused)
 n_embd, n_head = config.n_embd, config.n_head
 vocab = -(-args.vocab_size // 64) * 64
-embed_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32  # as GPT stores wte/value embeds
+choice = compute_choice(device_type)
+embed_dtype = choice.dtype  # as GPT stores wte/value embeds
 
 
 def gpt_like_groups():
@@ -74,6 +75,7 @@ def timed_step(optimizer):
 
 
 print(f"device {device_type}, depth {args.depth}: n_embd {n_embd}, vocab {vocab}, threads {torch.get_num_threads()}")
+print(f"machine's choice: orthogonalization {choice.orth_dtype}, compile {choice.compile}, because {choice.reason}")
 for dtype_name in args.dtypes.split(","):
     orth_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     for compile in [bool(int(c)) for c in args.compile.split(",")]:

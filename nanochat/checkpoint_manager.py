@@ -131,6 +131,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         # Re-saving a step: mark it incomplete first so a crash halfway never pairs old meta with new weights.
         os.remove(meta_path(checkpoint_dir, step))
     if rank == 0:
+        # Weights go to disk in fp32 whatever the run's compute dtype, so a checkpoint loads the same everywhere.
+        model_data = {k: v.float() if v.is_floating_point() else v for k, v in model_data.items()}
         atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
         atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
@@ -276,13 +278,10 @@ def build_model(checkpoint_dir, step, device, phase):
     model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device)
     # torch.compile'd models save their keys under _orig_mod.
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    if device.type != "cuda":
-        # CUDA runs keep embeddings in bf16; elsewhere the model computes in fp32 (bf16 is slow on CPU).
-        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
     config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
     model = build_gpt(config, device)  # init_weights fills the non-persistent buffers (rotary tables)
     model_data = patch_state_dict(model_data, model.state_dict())
-    model.load_state_dict({k: v.to(device) for k, v in model_data.items()}, strict=True, assign=True)
+    model.load_state_dict(model_data, strict=True)  # copied into the model's dtypes (embeddings: the compute dtype)
     if phase == "train":
         model.train()
     else:

@@ -392,7 +392,7 @@ def centered_accuracy(accuracy, random_baseline):
 
 def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=-1, batch_size=16, share_prefix=None):
     """
-    Every CORE task present in the bundle. Call under the autocast context on CUDA.
+    Every CORE task present in the bundle.
     -> {"core_metric", "label", "results" (accuracy per task), "centered_results", "missing_tasks"}.
     """
     bundle_dir = bundle_dir or get_eval_bundle_dir()

@@ -19,7 +19,6 @@ the same pieces: the cache's per-row lengths, decode(), RowState and update_row(
 """
 
 import ast
-import contextlib
 import copy
 import operator
 import re
@@ -257,7 +256,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, dtype=None, compile=False):
         """
-        dtype: KV cache / compute dtype; default the device's compute dtype (bf16 on CUDA, else fp32).
+        dtype: the KV cache's dtype; default the run's compute dtype (common.get_compute_dtype), which the
+        model's activations carry too.
         compile: run single-token decode steps through torch.compile (CUDA graphs on GPU). Every step then
         has the same shapes: the cache always spans the model's context and is kept per batch size, reused
         by the next generation, so a compiled Engine runs one generation at a time. Prefill stays eager.
@@ -276,14 +276,9 @@ class Engine:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.compiled_step = torch.compile(self.decode_step, dynamic=False, fullgraph=True, mode=mode)
 
-    def autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.amp.autocast(device_type=self.device.type, dtype=self.dtype)
-        return contextlib.nullcontext()
-
     def forward_last(self, ids, kv_cache):
         """Logits of the last position, (B, V) fp32."""
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad():
             logits = self.model.forward(ids, kv_cache=kv_cache)
         return logits[:, -1, :].float()
 
@@ -292,7 +287,7 @@ class Engine:
         if self.compiled_step is None:
             return self.forward_last(ids, kv_cache)
         _, k_layers, v_layers = self.decode_caches[kv_cache.batch_size]
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad():
             logits = self.compiled_step(ids, k_layers, v_layers, kv_cache.cache_seqlens)
         kv_cache.advance(1)
         return logits.clone()  # CUDA graphs reuse their output buffer at the next step

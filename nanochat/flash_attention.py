@@ -2,10 +2,12 @@
 One front door for attention, with Flash Attention 3's API and its (B, T, H, D) tensor layout.
 
 Backends, settled on first use (GPT.init_weights makes that happen eagerly) with one printed line:
-  fa3   FA3 kernels on Hopper GPUs, loaded through the `kernels` package from the Hugging Face hub.
-  flex  FlexAttention on other CUDA GPUs: compiled and block-sparse, so sliding-window layers skip the
-        masked blocks and `window_pattern=SSSL` stays faster than `L` (SDPA would compute them all).
-  sdpa  torch's scaled_dot_product_attention: CPU, MPS, and the KV-cache path wherever FA3 is absent.
+  fa3   FA3 kernels on Hopper GPUs for bf16/fp16 inputs, loaded through the `kernels` package from the
+        Hugging Face hub (runs/setup.sh fetches them once; later loads come from the local cache).
+  flex  FlexAttention inside compiled CUDA code: block-sparse, so sliding-window layers skip the masked
+        blocks and `window_pattern=SSSL` stays faster than `L` (SDPA would compute them all).
+  sdpa  torch's scaled_dot_product_attention: CPU, MPS, eager CUDA calls (sampling, evaluation), fp32,
+        and the KV-cache path wherever FA3 does not serve it.
 
 Window semantics (FA3's): with window_size=(left, right) a query at absolute position i attends keys at
 positions j with i - left <= j <= i + right; -1 means unlimited; causal=True forces right = 0.
@@ -22,35 +24,44 @@ from nanochat.common import print0
 _override_impl = None  # None (automatic) | 'fa3' | 'flex' | 'sdpa'
 _BACKENDS = ("fa3", "flex", "sdpa")
 _UNLIMITED = 1 << 30  # wider than any sequence: stands in for FA3's -1 in mask arithmetic
+# FA3 from the kernels-community organisation, which the Hub marks a trusted kernel publisher: `kernels`
+# loads it without trust_remote_code (an individual's build would need us to trust their code). `kernels`
+# >= 0.15 refuses to load a kernel without a version; 1 is the one its hub card names.
+FA3_REPO, FA3_VERSION = "kernels-community/flash-attn3", 1
+FA3_DTYPES = (torch.bfloat16, torch.float16)  # its kernels take nothing else (fp32 inputs crash them)
 
 _fa3_kernels = None  # the FA3 interface module once loaded
 _fa3_status = None  # None until the first attention call tried to load FA3, then a short reason
-_block_masks = {}  # FlexAttention block masks per (Tq, Tk, causal, window, device)
-_compiled_flex = None
+_block_masks = {}  # FlexAttention block masks per (Tq, Tk, causal, window, device), built eagerly
 
 
 def _load_fa3():
     """
-    Try FA3 once. Any failure (no GPU, not Hopper, no `kernels`, no network) just leaves it None; either way
-    one printed line says which backend serves attention.
+    Try FA3 once. Any failure (no GPU, not Hopper, no `kernels`, no network) leaves it None; either way one
+    printed line says which backend serves attention, and a Hopper GPU without FA3 says so loudly.
     """
     global _fa3_kernels, _fa3_status
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
     if not torch.cuda.is_available():
         _fa3_status = "no CUDA device"
-    elif torch.cuda.get_device_capability()[0] != 9:
+    elif not hopper:
         _fa3_status = "not a Hopper (sm90) GPU; the FA3 kernels are built for Hopper only"
     else:
         try:
             from kernels import get_kernel
-            kernel = get_kernel("varunneal/flash-attention-3")
+            kernel = get_kernel(FA3_REPO, version=FA3_VERSION)
             _fa3_kernels = getattr(kernel, "flash_attn_interface", kernel)
             _fa3_status = "loaded"
-        except Exception as e:  # noqa: BLE001 - any failure means "use a fallback"
-            _fa3_status = f"could not load it ({type(e).__name__}: {e})"[:200]
+        except Exception as e:  # noqa: BLE001 - any failure means "use a fallback", said loudly below
+            _fa3_status = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
     if _fa3_kernels is not None:
-        print0("Attention backend: fa3 (Flash Attention 3 kernels)")
+        print0(f"Attention backend: fa3 ({FA3_REPO} v{FA3_VERSION}) for bf16/fp16, sdpa for fp32")
+    elif hopper:
+        print0(f"WARNING: FA3 is unavailable on this Hopper GPU ({_fa3_status}); attention falls back to "
+               f"flex (compiled) and sdpa (eager), which is slower. Fix: `bash runs/setup.sh` on a node with "
+               f"network access installs `kernels` and caches {FA3_REPO}.")
     elif torch.cuda.is_available():
-        print0(f"Attention backend: flex on CUDA, sdpa elsewhere (FA3: {_fa3_status})")
+        print0(f"Attention backend: flex in compiled code, sdpa elsewhere (FA3: {_fa3_status})")
     else:
         print0(f"Attention backend: sdpa (FA3: {_fa3_status})")
 
@@ -70,7 +81,7 @@ def __getattr__(name):
 
 
 def _use_fa3():
-    """True when FA3 serves (CUDA) calls under the current override."""
+    """True when FA3 serves (CUDA, bf16/fp16) calls under the current override."""
     if _override_impl not in (None, *_BACKENDS):
         raise ValueError(f"flash_attention._override_impl must be None or one of {_BACKENDS}, got {_override_impl!r}")
     if _override_impl == "fa3" and _fa3() is None:
@@ -82,10 +93,28 @@ def _use_fa3():
 
 def _pick_backend(q):
     if _use_fa3() and (q.is_cuda or _override_impl == "fa3"):
-        return "fa3"
+        if q.dtype in FA3_DTYPES:
+            return "fa3"
+        if _override_impl == "fa3":
+            raise ValueError(f"FA3 takes bf16/fp16 inputs, got {q.dtype}; use another backend for fp32")
     if _override_impl in ("flex", "sdpa"):
         return _override_impl
-    return "flex" if q.is_cuda else "sdpa"
+    # Eager flex would compile (or, unfused, materialize every score) per sequence length: eager callers
+    # with varying lengths (sampling, evaluation) take SDPA instead.
+    return "flex" if q.is_cuda and torch.compiler.is_compiling() else "sdpa"
+
+
+def prepare(device, seq_len, window_sizes):
+    """
+    Settle the backend (printing its line) and build FlexAttention's block masks for causal self-attention over
+    seq_len tokens with each of window_sizes, eagerly. A compiled model then finds its masks ready; a mask built
+    inside a compiled graph is rebuilt every step, and caching one from there compiles each new shape twice.
+    """
+    _use_fa3()
+    device = torch.device(device)
+    if device.type == "cuda":  # flex serves compiled CUDA code (FA3 too, for fp32 runs)
+        for window_size in set(map(tuple, window_sizes)):
+            _block_mask(seq_len, seq_len, True, window_size, device)
 
 
 def _first(out):
@@ -109,31 +138,29 @@ def _sdpa(q, k, v, attn_mask=None, is_causal=False):
     return y.transpose(1, 2)
 
 
-def _create_block_mask(Tq, Tk, causal, window_size, device):
+def _block_mask(Tq, Tk, causal, window_size, device):
+    """The cached block mask; built here when missing (and cached only outside compiled code, see prepare)."""
+    key = (Tq, Tk, causal, tuple(window_size), device)
+    if key in _block_masks:
+        return _block_masks[key]
     from torch.nn.attention.flex_attention import create_block_mask
     offset = Tk - Tq  # queries are the last Tq positions (bottom-right aligned, as in FA3)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return _allowed(q_idx + offset - kv_idx, causal, window_size)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=Tq, KV_LEN=Tk, device=device)
+    if not torch.compiler.is_compiling():
+        _block_masks[key] = block_mask
+    return block_mask
 
 
 def _flex(q, k, v, causal, window_size):
-    global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
-    key = (q.size(1), k.size(1), causal, tuple(window_size), q.device)
-    if key not in _block_masks:
-        _block_masks[key] = _create_block_mask(*key)
-    if q.is_cuda and not torch.compiler.is_compiling():
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        attend = _compiled_flex
-    else:
-        # inside a compiled model the enclosing torch.compile fuses it; on CPU it is the unfused reference (tests)
-        attend = flex_attention
-    y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_block_masks[key],
-               enable_gqa=k.size(2) != q.size(2))
+    block_mask = _block_mask(q.size(1), k.size(1), causal, window_size, q.device)
+    # Inside a compiled model the enclosing torch.compile fuses it; eager (tests, on CPU) it is the unfused reference.
+    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                       enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -159,11 +186,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     caches in place at each row's cache_seqlens; the queries then attend over that row's prefix plus the
     new tokens. cache_seqlens itself is NOT advanced here (the KV cache object does that).
     """
-    backend = _pick_backend(q)
-    if backend == "fa3" and not torch.compiler.is_compiling():  # (the hub kernel is not known to trace)
+    if _pick_backend(q) == "fa3" and not torch.compiler.is_compiling():  # (the hub kernel is not known to trace)
         return _first(_fa3().flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                      causal=causal, window_size=window_size))
-    # FlexAttention would rebuild its block mask at every decode step; SDPA serves the cache path instead.
+    # SDPA (FlexAttention would rebuild its block mask at every decode step). The lengths never travel back to
+    # the host: keys span the cache as given (callers that know the filled length pass just that prefix), and a
+    # mask on absolute positions hides whatever a row has not written yet.
     B, Tq = q.shape[:2]
     device = q.device
     if cache_seqlens is None:
@@ -176,24 +204,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         k_cache[rows, cols] = k.to(k_cache.dtype)
         v_cache[rows, cols] = v.to(v_cache.dtype)
     seqlens = cache_seqlens + num_new  # keys each row holds now
-    if torch.compiler.is_compiling():
-        # A compiled step must have the same shapes at every position: attend over the whole cache, masked.
-        Tk = k_cache.size(1)
-        keys, values = k_cache.to(q.dtype), v_cache.to(q.dtype)
-    else:
-        lengths = seqlens.tolist()  # one host sync: slicing the cache needs Python ints
-        Tk = max(lengths)
-        keys, values = k_cache[:, :Tk].to(q.dtype), v_cache[:, :Tk].to(q.dtype)  # (no-ops unless dtypes differ)
-        same_length = min(lengths) == Tk
-        if same_length and Tq == 1:  # single-token decode: the window is a slice, no mask needed
-            start = 0 if window_size[0] < 0 else max(0, Tk - 1 - window_size[0])
-            return _sdpa(q, keys[:, start:], values[:, start:])
-        if same_length and Tq == Tk and causal and (window_size[0] < 0 or window_size[0] >= Tk - 1):
-            return _sdpa(q, keys, values, is_causal=True)  # prefill into an empty cache
-    # General case (chunked prefill, rows of different lengths, compiled): explicit mask on absolute positions.
     q_pos = seqlens.unsqueeze(1) - Tq + torch.arange(Tq, device=device)  # (B, Tq)
-    k_pos = torch.arange(Tk, device=device)
+    k_pos = torch.arange(k_cache.size(1), device=device)
     mask = _allowed(q_pos.unsqueeze(2) - k_pos, causal, window_size) & (k_pos < seqlens.view(B, 1, 1))
+    keys, values = k_cache.to(q.dtype), v_cache.to(q.dtype)  # (no-ops unless the dtypes differ)
     return _sdpa(q, keys, values, attn_mask=mask.unsqueeze(1))
 
 

@@ -8,7 +8,11 @@ The GPT model: a Transformer with the tuned details of the nanochat design.
 - sliding-window attention per layer (window_pattern), the last layer always sees the full context
 - logits soft-capped with tanh; vocab padded to a multiple of 64 and cropped back
 
-Construct under torch.device("meta"), then `to_empty(device=...)` and `init_weights()`.
+Precision without autocast: the embeddings are stored in the run's compute dtype (common.get_compute_dtype:
+bf16 where the device multiplies bf16 fast, else fp32), so the activations start in it, and every Linear casts
+its fp32 master weight to its input's dtype. Logits and the loss are fp32.
+
+Construct under torch.device("meta"), then `to_empty(device=...)` and `init_weights()` (build_gpt does both).
 """
 
 import math
@@ -20,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import flash_attention
+from nanochat.common import get_compute_dtype
 from nanochat.flash_attention import flash_attn
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 
@@ -55,6 +60,20 @@ def build_gpt(config, device):
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+
+class Linear(nn.Linear):
+    """
+    A bias-free Linear whose fp32 master weight is cast to the input's dtype, so the matmul runs in the compute
+    dtype the activations carry while the optimizer updates fp32 weights. Every matmul of the model is one of
+    these: a lower-precision variant (fp8) is a subclass that overrides forward.
+    """
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def norm(x):
@@ -102,12 +121,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         has_ve = has_value_embedding(layer_idx, config.n_layer)
-        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
 
     def forward(self, x, ve, cos_sin, window_size, kv_cache):
         B, T, _ = x.size()
@@ -118,14 +137,18 @@ class CausalSelfAttention(nn.Module):
             # per-head gate in (0, 2), 1.0 at init (zero weights): the value embedding starts fully mixed in
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = (t.to(q.dtype) for t in cos_sin)  # tables are bf16; match fp32 on CPU
+        cos, sin = (t.to(q.dtype) for t in cos_sin)  # tables are bf16; match an fp32 compute dtype
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        # QK-norm. rms_norm autocasts to fp32 on CUDA: bring q, k back to v's dtype for the kernels.
-        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
+        q, k = norm(q), norm(k)  # QK-norm
         if kv_cache is None:
             y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            if not torch.compiler.is_compiling():
+                # Eager: attend over the filled prefix only, its length known on the host (no GPU sync). A compiled
+                # step keeps the whole cache: the same shapes at every position.
+                end = kv_cache.get_pos() + T
+                k_cache, v_cache = k_cache[:, :end], v_cache[:, :end]
             y = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
                                                    causal=True, window_size=window_size)
         return self.c_proj(y.reshape(B, T, -1))
@@ -134,8 +157,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -164,7 +187,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(padded_vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, padded_vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
         head_dim = config.n_embd // config.n_head
@@ -210,14 +233,14 @@ class GPT(nn.Module):
         self.x0_lambdas.fill_(0.1)
         device = self.get_device()
         self.cos, self.sin = self._precompute_rotary(self.rotary_length, n_embd // self.config.n_head, device)
-        # Settle the attention backend now, eagerly: loading FA3 (and printing the backend) inside a torch.compile
-        # trace would leave graph breaks in the compiled model for good.
-        flash_attention._use_fa3()
-        if device.type == "cuda":
-            # Embeddings are lookups, not matmuls: bf16 storage halves their memory at no cost in quality.
-            self.transformer.wte.to(dtype=torch.bfloat16)
-            for table in self.value_embeds.values():
-                table.to(dtype=torch.bfloat16)
+        # Settle the attention backend and build its masks now, eagerly: doing either inside a torch.compile
+        # trace would leave graph breaks or extra work in the compiled model for good.
+        flash_attention.prepare(device, self.config.sequence_len, self.window_sizes)
+        # The embeddings' dtype is the model's compute dtype: the activations start in it (see Linear).
+        compute_dtype = get_compute_dtype(device.type)
+        self.transformer.wte.to(dtype=compute_dtype)
+        for table in self.value_embeds.values():
+            table.to(dtype=compute_dtype)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -238,8 +261,7 @@ class GPT(nn.Module):
             # server batches unrelated conversations), and a compiled step sees the same shapes at every step.
             positions = kv_cache.cache_seqlens.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
             cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
-        # .float(): on CUDA wte is stored in bf16; the residual stream is kept in fp32 (a no-op on CPU)
-        x = x0 = norm(self.transformer.wte(idx).float())
+        x = x0 = norm(self.transformer.wte(idx))  # in the compute dtype, as the embeddings are stored
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
@@ -251,7 +273,7 @@ class GPT(nn.Module):
         logits = self.lm_head(norm(x) / LOGIT_SOFTCAP)
         if logits.size(-1) != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]  # drop the padding columns
-        logits = LOGIT_SOFTCAP * torch.tanh(logits.float())
+        logits = LOGIT_SOFTCAP * torch.tanh(logits.float())  # logits and loss in fp32
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1,

@@ -15,7 +15,7 @@ which the schedules at the bottom scale.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError
+from nanochat.common import UserError, compute_choice
 
 # Polar Express (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T. Each step's odd
 # polynomial is fit (minimax) to the singular-value range left by the previous one: the first ones
@@ -127,10 +127,9 @@ def _check_group(group):
 
 class MuonAdamW(torch.optim.Optimizer):
     """
-    Muon + AdamW in one process. orth_dtype: dtype of the orthogonalization matmuls (default bf16 on
-    CUDA; fp32 elsewhere, because CPU bf16 matmuls run ~100x slower than fp32). compile: torch.compile
-    the per-tensor steps (default: on CUDA only; on this 2-core CPU at d4 it takes the step from 189 to
-    169 ms but costs 15-60 s of cold compiling, which a few-hundred-step CPU run never earns back).
+    Muon + AdamW in one process. orth_dtype: dtype of the orthogonalization matmuls; compile: torch.compile
+    the per-tensor steps. Both default to what the device does fast (common.compute_choice): bf16 and compiled
+    on GPUs and on CPUs with native bf16, fp32 and eager elsewhere (bf16 matmuls are ~100x slower there).
     """
 
     def __init__(self, param_groups, orth_dtype=None, compile=None):
@@ -139,10 +138,10 @@ class MuonAdamW(torch.optim.Optimizer):
             _check_group(group)
             group.setdefault("initial_lr", group["lr"])
         super().__init__(param_groups, defaults={})
-        device_type = next(p for group in self.param_groups for p in group["params"]).device.type
-        self.orth_dtype = orth_dtype or (torch.bfloat16 if device_type == "cuda" else torch.float32)
+        choice = compute_choice(next(p for group in self.param_groups for p in group["params"]).device.type)
+        self.orth_dtype = orth_dtype or choice.orth_dtype
         if compile is None:
-            compile = device_type == "cuda"
+            compile = choice.compile
         # dynamic=False: one kernel per tensor shape; the few distinct shapes of a GPT stay under dynamo's
         # recompile limit.
         wrap = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compile else (lambda fn: fn)
@@ -305,6 +304,48 @@ class DistMuonAdamW(MuonAdamW):
                 f"each rank holds only its shard, so resume with --nproc_per_node={saved_world_size}."
             )
         super().load_state_dict(state_dict)
+
+
+# -----------------------------------------------------------------------------
+# Loss scaling for fp16
+
+
+class GradScaler:
+    """
+    Dynamic loss scaling, for an fp16 compute dtype (its range loses small gradients to zero); with
+    enabled=False (bf16, fp32) every method passes straight through. Scale the loss before backward(),
+    then step(optimizer) unscales the gradients and steps, unless a gradient is inf/nan on any rank: then
+    every rank skips the step together and the scale halves. After growth_interval clean steps it doubles.
+    """
+
+    def __init__(self, enabled, init_scale=2.0**16, growth_interval=2000):
+        self.enabled = enabled
+        self.scale = init_scale
+        self.growth_interval = growth_interval
+        self.clean_steps = 0
+
+    def scale_loss(self, loss):
+        return loss * self.scale if self.enabled else loss
+
+    def step(self, optimizer):
+        """Unscale and step; returns False when the step was skipped."""
+        if not self.enabled:
+            optimizer.step()
+            return True
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        found_inf = torch.stack([g.isfinite().all() for g in grads]).logical_not().any().float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)  # one rank's overflow skips the step everywhere
+        if found_inf.item():
+            self.scale /= 2
+            self.clean_steps = 0
+            return False
+        optimizer.step()
+        self.clean_steps += 1
+        if self.clean_steps % self.growth_interval == 0:
+            self.scale *= 2
+        return True
 
 
 # -----------------------------------------------------------------------------

@@ -23,11 +23,12 @@ wait $DATASET_DOWNLOAD_PID
 
 # d32 activations at 32 rows x 2048 do not fit next to the optimizer state on 80 GB: 16 rows, and the
 # same 2^19 tokens per step through gradient accumulation.
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --save-every=2000 --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --save-every=2000 \
+    --device-type=cuda --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
 
 curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN  # 16 rows, as the base run
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --device-type=cuda --run=$WANDB_RUN  # 16 rows, as the base run
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda
 python -m nanochat.report generate

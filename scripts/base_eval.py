@@ -17,7 +17,7 @@ import sys
 import time
 
 from nanochat.checkpoint_manager import STAGE_DIRS, find_largest_model, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
 
@@ -44,9 +44,8 @@ step = meta["step"]
 print0(f"Evaluating {args.source} model {model_tag} step {step} on {world_size} process(es)")
 
 t0 = time.time()
-with autocast_ctx(device.type):
-    core = evaluate_core(model, tokenizer, device, bundle_dir=bundle_dir, max_per_task=args.max_per_task,
-                         batch_size=args.batch_size)
+core = evaluate_core(model, tokenizer, device, bundle_dir=bundle_dir, max_per_task=args.max_per_task,
+                     batch_size=args.batch_size)
 elapsed = time.time() - t0
 
 if rank == 0:

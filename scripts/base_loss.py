@@ -10,7 +10,7 @@ Writes the "Base model loss" report section.
 import argparse
 
 from nanochat.checkpoint_manager import STAGE_DIRS, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, print0, print_banner, positive
+from nanochat.common import compute_cleanup, compute_init, print0, print_banner, positive
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -30,7 +30,6 @@ args = parser.parse_args()
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-autocast = autocast_ctx(device.type)
 token_bytes = get_token_bytes(device=device)
 seq_len = model.config.sequence_len
 
@@ -40,8 +39,7 @@ steps = max(1, args.split_tokens // tokens_per_step)
 bpb_results = {}
 for split in ("train", "val"):
     batches = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, seq_len, split, device=device)
-    with autocast:
-        bpb_results[split] = evaluate_bpb(model, batches, steps, token_bytes)
+    bpb_results[split] = evaluate_bpb(model, batches, steps, token_bytes)
     print0(f"{split} bpb: {bpb_results[split]:.4f} ({steps * tokens_per_step:,} tokens)")
 
 # Samples (rank 0): greedy completions of prompts with known answers, then free-running samples from BOS

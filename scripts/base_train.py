@@ -14,13 +14,13 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, compute_choice, synchronize,
                              get_base_dir, get_peak_flops, get_device_name, get_max_memory_mb, init_wandb,
                              format_duration, positive)
 from nanochat.gpt import build_gpt, config_for_depth, check_config
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules, GradScaler
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, check_resume_step, prune_checkpoints
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
@@ -65,7 +65,7 @@ parser.add_argument("--sample-every", type=int, default=2000, help="print sample
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
 parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
 parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir name (default d{depth})")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = where it pays (GPUs, bf16 CPUs)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
@@ -87,7 +87,7 @@ print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 device_type = device.type
 master_process = rank == 0
-autocast = autocast_ctx(device_type)
+compute = compute_choice(device_type)
 peak_flops = get_peak_flops(get_device_name(device_type)) if device_type == "cuda" else float("inf")
 wandb_run = init_wandb(args.run, "nanochat", user_config, master_process)
 
@@ -111,7 +111,7 @@ if resuming:
     print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
     model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, args.resume_from_step, device,
                                                             load_optimizer=True, rank=rank)
-    model.load_state_dict(model_data, strict=True, assign=True)
+    model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
     del model_data
 
 param_counts = model.num_scaling_params()
@@ -122,7 +122,7 @@ for key, value in param_counts.items():
     print0(f"  params {key:24s}: {value:,}")
 print0(f"  FLOPs per token (fwd+bwd): {num_flops_per_token:e}")
 
-use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+use_compile = args.compile == 1 or (args.compile == -1 and compute.compile)
 train_model = torch.compile(model, dynamic=False) if use_compile else model
 
 # -----------------------------------------------------------------------------
@@ -162,6 +162,7 @@ optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * batch_lr_
 if resuming:
     optimizer.load_state_dict(optimizer_data)
     del optimizer_data
+scaler = GradScaler(enabled=compute.dtype == torch.float16)
 
 # -----------------------------------------------------------------------------
 # Data. The train loader is restarted from its saved position after every checkpoint save, exactly as a
@@ -188,8 +189,7 @@ x, y, dataloader_state = next(train_loader)  # prefetch the first batch
 
 def evaluate_val_bpb():
     model.eval()
-    with autocast:
-        bpb = evaluate_bpb(model, make_val_batches(), eval_steps, token_bytes)
+    bpb = evaluate_bpb(train_model, make_val_batches(), eval_steps, token_bytes)  # the training shapes: compiled too
     model.train()
     return bpb
 
@@ -200,8 +200,7 @@ def print_samples():
     model.eval()
     for prompt in prompts:
         tokens = tokenizer(prompt, prepend="<|bos|>")
-        with autocast:
-            out = list(model.generate(tokens, max_tokens=16, temperature=0))
+        out = list(model.generate(tokens, max_tokens=16, temperature=0))
         print0(f"  {tokenizer.decode(tokens + out)!r}")
     model.train()
 
@@ -239,8 +238,7 @@ while True:
 
     if args.core_metric_every >= 0 and (last_step or (step > 0 and args.core_metric_every > 0 and step % args.core_metric_every == 0)):
         model.eval()
-        with autocast:
-            core_results = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+        core_results = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
         model.train()
         print0(f"Step {step:05d} | {core_results['label']}: {core_results['core_metric']:.4f}")
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core_results["core_metric"]})
@@ -261,15 +259,14 @@ while True:
     synchronize(device_type)
     t0 = time.time()
     for micro_step in range(grad_accum_steps):
-        with autocast:
-            loss = train_model(x, y)
+        loss = train_model(x, y)
         train_loss = loss.detach()
-        (loss / grad_accum_steps).backward()
+        scaler.scale_loss(loss / grad_accum_steps).backward()
         x, y, dataloader_state = next(train_loader)  # fetch the next batch while the device works
     lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     apply_schedules(optimizer, lrm, muon_momentum=get_muon_momentum(step),
                     muon_weight_decay=get_weight_decay(step, num_iterations, weight_decay))
-    optimizer.step()
+    scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
     train_loss = train_loss.item()  # a sync point, after the step was queued
     synchronize(device_type)

@@ -44,7 +44,6 @@ def main():
     task_names = parse_task_names(args.task_name)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    device_type = device.type
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
     engine = Engine(model, tokenizer)
@@ -54,7 +53,7 @@ def main():
         t0 = time.time()
         num_correct, num_evaluated = evaluate_task(TASKS[name][0](), tokenizer, model, engine, args.max_problems,
                                                    args.batch_size, args.num_samples, args.max_new_tokens,
-                                                   args.temperature, args.top_k, device_type)
+                                                   args.temperature, args.top_k)
         accuracies[name] = num_correct / max(num_evaluated, 1)
         print0(f"{name}: {num_correct}/{num_evaluated} = {100 * accuracies[name]:.2f}% ({time.time() - t0:.1f}s)")
 

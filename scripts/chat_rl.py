@@ -24,12 +24,12 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
 from nanochat.chat_train import training_rows, group_advantages, policy_gradient_loss, loss_normaliser
 from nanochat.engine import Engine
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.report import get_report
 from tasks.gsm8k import GSM8K
 
@@ -66,7 +66,6 @@ print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 device_type = device.type
 master_process = rank == 0
-autocast = autocast_ctx(device_type)
 wandb_run = init_wandb(args.run, "nanochat-rl", user_config, master_process)
 
 # No torch.compile: every step's samples have a different length, and the Engine runs the model eagerly.
@@ -75,6 +74,7 @@ model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), ST
 engine = Engine(model, tokenizer)
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)
 
 train_task = GSM8K(subset="main", split="train")
 val_task = GSM8K(subset="main", split="test")
@@ -181,12 +181,11 @@ while True:
     normaliser = loss_normaliser([targets])
     for first in range(0, len(sequences), args.device_batch_size):
         rows = slice(first, first + args.device_batch_size)
-        with autocast:
-            token_nll = model(inputs[rows], targets[rows], loss_reduction="none")
-        policy_gradient_loss(token_nll, targets[rows], advantages[rows], normaliser).backward()
+        token_nll = model(inputs[rows], targets[rows], loss_reduction="none")
+        scaler.scale_loss(policy_gradient_loss(token_nll, targets[rows], advantages[rows], normaliser)).backward()
     lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
-    optimizer.step()
+    scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
     synchronize(device_type)
     dt = time.time() - t0

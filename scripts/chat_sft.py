@@ -26,12 +26,12 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, autocast_ctx, synchronize,
+from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
 from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
 from nanochat.chat_train import conversation_batches, loss_normaliser, load_optimizer_state
 from nanochat.engine import Engine
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules
+from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -75,7 +75,6 @@ print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 device_type = device.type
 master_process = rank == 0
-autocast = autocast_ctx(device_type)
 wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master_process)
 
 model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
@@ -119,6 +118,7 @@ if optimizer_state is not None:
         note = f"the saved optimizer state does not fit this model ({e}); starting a fresh optimizer"
     del optimizer_state
 print0(f"Note: {note}")
+scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)  # fp16 runs only
 
 # -----------------------------------------------------------------------------
 # Data
@@ -160,8 +160,7 @@ eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
 def evaluate_val_bpb():
     """bpb of the assistant's tokens (the only targets) of the held-out conversations."""
     model.eval()
-    with autocast:
-        bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)
+    bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)
     model.train()
     return bpb
 
@@ -177,7 +176,7 @@ def evaluate_chatcore():
     for name, task in chatcore_tasks.items():
         max_problems = args.chatcore_max_cat if task.eval_type == "categorical" else args.chatcore_max_gen
         num_correct, num_evaluated = evaluate_task(task, tokenizer, model, engine, None if max_problems < 0 else max_problems,
-                                                   max_new_tokens=CHATCORE_MAX_NEW_TOKENS, device_type=device_type)
+                                                   max_new_tokens=CHATCORE_MAX_NEW_TOKENS)
         accuracies[name] = num_correct / max(num_evaluated, 1)
     model.train()
     return accuracies
@@ -232,14 +231,13 @@ while True:
     normaliser = loss_normaliser([targets for _, targets, _ in micro_batches])
     train_loss = torch.zeros((), device=device)
     for inputs, targets, data_state in micro_batches:
-        with autocast:
-            loss = train_model(inputs, targets, loss_reduction="sum") / normaliser
+        loss = train_model(inputs, targets, loss_reduction="sum") / normaliser
         train_loss += loss.detach()
-        loss.backward()
+        scaler.scale_loss(loss).backward()
     lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_ratio=0.0,
                             warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
-    optimizer.step()
+    scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
     train_loss = train_loss.item()
     synchronize(device_type)

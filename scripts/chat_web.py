@@ -462,8 +462,8 @@ def main():
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-p", "--port", type=int, default=8000)
-    parser.add_argument("-d", "--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16"],
-                        help="compute dtype on CUDA (the CPU always uses float32: bf16 matmuls are slow there)")
+    parser.add_argument("-d", "--dtype", type=str, default="", choices=["", "float32", "bfloat16", "float16"],
+                        help="compute dtype (default: what the device runs fast, see nanochat.common.compute_choice)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
     parser.add_argument("--host", type=str, default="0.0.0.0")
     parser.add_argument("--max-batch", type=int, default=0,
@@ -479,6 +479,8 @@ def main():
     import uvicorn
 
     device_type = args.device_type or autodetect_device_type()
+    if args.dtype:
+        os.environ["NANOCHAT_DTYPE"] = args.dtype  # the one compute-dtype setting: the models and their KV caches read it
     if args.num_gpus < 1:
         parser.error("--num-gpus must be >= 1")
     if args.max_batch < 0:
@@ -493,17 +495,16 @@ def main():
             model, tokenizer, _ = load_model(args.source, torch.device("cuda", i), phase="eval",
                                              model_tag=args.model_tag, step=args.step)
             replicas.append((model, tokenizer))
-        dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     else:
         # CPU/MPS workers share one copy of the weights: inference never writes to them
         model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval",
                                          model_tag=args.model_tag, step=args.step)
-        replicas, dtype = [(model, tokenizer)] * args.num_gpus, None
+        replicas = [(model, tokenizer)] * args.num_gpus
         if device_type == "cpu":  # leave a core to the event loop that streams the tokens (+20% at 16 clients on 2 cores)
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))
 
     app = create_app(replicas, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
-                     model_name=f"nanochat-{args.source}", dtype=dtype, max_batch=max_batch, compile=compile,
+                     model_name=f"nanochat-{args.source}", max_batch=max_batch, compile=compile,
                      api_key=args.api_key or None)
     if not args.api_key and not is_loopback(args.host):
         logger.warning(f"warning: serving on {args.host} without an API key, so anyone who can reach port {args.port} "

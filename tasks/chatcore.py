@@ -14,7 +14,7 @@ perfect, comparable across tasks with different numbers of choices.
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_ctx, get_dist_info
+from nanochat.common import get_dist_info
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K
@@ -42,7 +42,7 @@ def my_problem_indices(num_problems, max_problems):
 
 
 @torch.no_grad()
-def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, device_type="cpu"):
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     """-> (num_correct, num_evaluated) on this rank. Prompts of a batch are right-padded: with causal
     attention the logits at a prompt's last position never see the padding after it."""
     device = model.get_device()
@@ -54,8 +54,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        with autocast_ctx(device_type):
-            logits = model(ids)
+        logits = model(ids)
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
             letter_ids = [letter_token_id(tokenizer, letter) for letter in letters]
@@ -74,7 +73,7 @@ def letter_token_id(tokenizer, letter):
 
 @torch.no_grad()
 def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None, device_type="cpu"):
+                        max_problems=None):
     """-> (num_correct, num_evaluated) on this rank. A problem counts as solved when any of its
     num_samples completions is judged correct (pass@num_samples). A prompt that fills the model's
     whole context leaves no room for an answer: it counts as unsolved."""
@@ -85,9 +84,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
         num_evaluated += 1
         if len(prompt) >= engine.model.config.sequence_len:
             continue
-        with autocast_ctx(device_type):
-            results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, seed=i)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=i)
         completions = [tokenizer.decode(row[len(prompt):]) for row in results]
         num_correct += int(any(task.evaluate(conversation, c) for c in completions))
     return num_correct, num_evaluated
@@ -102,13 +100,13 @@ def all_reduce_counts(num_correct, num_evaluated, device):
 
 
 def evaluate_task(task, tokenizer, model, engine, max_problems=None, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, device_type="cpu"):
+                  temperature=0.0, top_k=50):
     """-> (num_correct, num_evaluated) over all ranks, the task scored by its eval_type."""
     if task.eval_type == "categorical":
-        counts = run_categorical_eval(task, tokenizer, model, batch_size, max_problems, device_type)
+        counts = run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
     else:
         counts = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                                     max_problems, device_type)
+                                     max_problems)
     return all_reduce_counts(*counts, model.get_device())
 
 

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from torch.overrides import TorchFunctionMode
+
+# Numerical tests compare against fp32 references, and should not depend on whether this CPU runs bf16
+# natively: fp32 unless the caller says otherwise. Tests of the bf16/fp16 paths ask for them explicitly.
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The data tree the tests read: the embedded sample in the repo's data/, or $NANOCHAT_TEST_DATA.
@@ -114,3 +119,16 @@ def closed_port_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/data"  # nothing listens there: connection refused
+
+
+class CountHostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (.item(), .tolist(), int(t), ...): on CUDA each one is a GPU sync."""
+    READS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu"}
+
+    def __enter__(self):
+        self.count = 0
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))

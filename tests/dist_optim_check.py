@@ -1,7 +1,7 @@
 """
 torchrun worker for tests/test_optim.py (2 ranks, gloo): DistMuonAdamW on each rank's half of a global
 batch must follow MuonAdamW on the whole batch, keep sharded state, and resume exactly from its
-per-rank state files. Usage: torchrun --nproc_per_node=2 tests/dist_optim_check.py OUT_DIR
+per-rank state files, and fp16 loss scaling must skip an overflowing step on every rank. Usage: torchrun --nproc_per_node=2 tests/dist_optim_check.py OUT_DIR
 Exits non-zero (an AssertionError) on any mismatch.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import compute_init, compute_cleanup
-from nanochat.optim import DistMuonAdamW, MuonAdamW, apply_schedules, get_lr_multiplier
+from nanochat.optim import DistMuonAdamW, GradScaler, MuonAdamW, apply_schedules, get_lr_multiplier
 
 GLOBAL_BATCH = 16
 STEPS = 6
@@ -109,6 +109,22 @@ def main():
     for resumed, original in zip(flat(saved_params), flat(dist_params)):
         assert torch.equal(resumed, original), "resumed DistMuonAdamW trajectory differs"
     print(f"rank {rank}: resume from per-rank state is exact", flush=True)
+
+    # Loss scaling: an overflow on one rank skips the step on all of them (a lone skip would leave the other
+    # rank waiting in its collectives), then the next clean step runs everywhere.
+    scaler = GradScaler(enabled=True, init_scale=2.0**8)
+    for overflow in (True, False):
+        before = [p.detach().clone() for p in flat(dist_params)]
+        dist_opt.zero_grad(set_to_none=True)
+        idx, targets = batch(STEPS)
+        scaler.scale_loss(loss_fn(dist_params, idx[my_half], targets[my_half])).backward()
+        if overflow and rank == 1:
+            dist_params["square"][0].grad[0, 0] = float("inf")
+        assert scaler.step(dist_opt) is not overflow
+        changed = [not torch.equal(p, b) for p, b in zip(flat(dist_params), before)]
+        assert not any(changed) if overflow else all(changed)
+    assert scaler.scale == 2.0**7
+    print(f"rank {rank}: an overflow on one rank skips the step on all", flush=True)
     compute_cleanup()
 
 

@@ -4,13 +4,17 @@ sliding windows, GQA, KV-cache prefill/decode/chunked prefill, gradients, and th
 """
 import importlib
 import math
+import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import nanochat.flash_attention as fa
 from nanochat.flash_attention import flash_attn
+
+from conftest import CountHostReads
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -215,3 +219,92 @@ def test_import_is_lazy():
     """Executing the module must not try to load FA3 (which may go to the network): that waits for first use."""
     importlib.reload(fa)  # re-runs the module body in place; every reference to it stays valid
     assert fa._fa3_status is None and fa._fa3_kernels is None
+
+
+# ------------------------------------------------------------------ FA3 loading and its dtype rule
+
+
+def pretend_hopper(monkeypatch, get_kernel):
+    """A Hopper GPU with a fake `kernels` package whose get_kernel is given; FA3 not yet tried."""
+    monkeypatch.setitem(sys.modules, "kernels", SimpleNamespace(get_kernel=get_kernel))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    monkeypatch.setattr(fa, "_fa3_status", None)
+    monkeypatch.setattr(fa, "_fa3_kernels", None)
+
+
+def test_fa3_is_loaded_at_a_pinned_version_from_a_trusted_publisher(monkeypatch, capsys):
+    calls, kernel = [], SimpleNamespace(flash_attn_func=None, flash_attn_with_kvcache=None)
+    pretend_hopper(monkeypatch, lambda repo_id, **kwargs: calls.append((repo_id, kwargs)) or kernel)
+    assert fa._fa3() is kernel
+    # `kernels` >= 0.15 refuses a load without a version; a trusted publisher needs no trust_remote_code
+    assert calls == [("kernels-community/flash-attn3", {"version": 1})]
+    assert capsys.readouterr().out.startswith("Attention backend: fa3")
+
+
+def test_hopper_without_fa3_says_so_loudly(monkeypatch, capsys):
+    def get_kernel(repo_id, **kwargs):
+        raise OSError("no route to the Hugging Face hub")
+    pretend_hopper(monkeypatch, get_kernel)
+    assert fa._fa3() is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("WARNING: FA3 is unavailable on this Hopper GPU (OSError: no route")
+    assert "falls back to flex (compiled) and sdpa (eager)" in lines[0] and "runs/setup.sh" in lines[0]
+
+
+def test_fa3_serves_only_bf16_and_fp16(monkeypatch):
+    calls = []
+    fake = SimpleNamespace(flash_attn_func=lambda q, k, v, **kwargs: calls.append(q.dtype) or q)
+    monkeypatch.setattr(fa, "_fa3_status", "loaded")
+    monkeypatch.setattr(fa, "_fa3_kernels", fake)
+    monkeypatch.setattr(fa, "_override_impl", "fa3")
+    for dtype in (torch.bfloat16, torch.float16):
+        q = torch.zeros(1, 4, 2, 8, dtype=dtype)
+        flash_attn.flash_attn_func(q, q, q, causal=True)
+    assert calls == [torch.bfloat16, torch.float16]
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="FA3 takes bf16/fp16 inputs, got torch.float32"):
+        flash_attn.flash_attn_func(q, q, q, causal=True)
+
+
+# ------------------------------------------------------------------ no recompiles, no host syncs
+
+
+def test_compiled_flex_compiles_each_shape_once(monkeypatch):
+    """
+    Masks built eagerly beforehand (as GPT.init_weights has the front door do): one graph per sequence length,
+    and adding masks for new lengths recompiles nothing. A mask missing at trace time is built inside the graph,
+    still one graph per length (caching it from inside the trace used to compile each new length twice).
+    (Compiled FlexAttention has no backward on CPU: forward only here; the GPU check runs the training step.)
+    """
+    from torch._dynamo.utils import counters
+    window = (8, 0)
+    monkeypatch.setattr(fa, "_override_impl", "flex")
+    monkeypatch.setattr(fa, "_block_masks", {})
+    torch._dynamo.reset()
+    counters.clear()
+    attend = torch.compile(lambda q, k, v: flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window),
+                           dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        for T in (32, 32, 64, 64, 32, 48, 48):
+            if T != 48:
+                fa._block_mask(T, T, True, window, torch.device("cpu"))  # eager, outside the compiled code
+            q, k, v = random_qkv(1, T, T, 4, 2, 16, seed=T)
+            y = run_quietly(attend, q, k, v)
+            expected = reference_attention(q, k, v, torch.arange(T).expand(1, T), [T], True, window)
+            torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 3
+    assert sorted(key[0] for key in fa._block_masks) == [32, 64]  # nothing cached from inside a trace
+
+
+def test_kvcache_sdpa_path_never_reads_tensors_back_to_the_host():
+    """A read in the attention call would stall every layer of every decode step; the SDPA path makes none."""
+    B, T_max, H, H_kv, D = 2, 32, 4, 2, 16
+    k_cache, v_cache, cache_seqlens = make_cache(B, T_max, H_kv, D, [3, 10])
+    q, k, v = random_qkv(B, 1, 1, H, H_kv, D)
+    with CountHostReads() as reads:
+        flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=True,
+                                           window_size=(4, 0))
+        assert reads.count == 0
+        cache_seqlens.tolist()  # (what the counter catches)
+    assert reads.count == 1

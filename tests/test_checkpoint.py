@@ -76,6 +76,20 @@ def test_compiled_keys_and_bf16_tensors_load_on_cpu(setup):
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in expected.items())
 
 
+def test_weights_are_saved_in_fp32_and_load_into_any_compute_dtype(setup, monkeypatch):
+    _, checkpoint_dir = setup
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    bf16_model = make_model(setup[0].config.vocab_size)  # embeddings stored in bf16, Linear weights fp32
+    cm.save_checkpoint(checkpoint_dir, 1, bf16_model.state_dict(), None, meta_for(bf16_model, 1))
+    saved = torch.load(os.path.join(checkpoint_dir, "model_000001.pt"))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    for dtype in ("bfloat16", "float32"):
+        monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
+        rebuilt, _, _ = cm.build_model(checkpoint_dir, 1, "cpu", phase="eval")
+        assert rebuilt.transformer.wte.weight.dtype == getattr(torch, dtype)  # the run's dtype, not the file's
+        assert all(torch.equal(rebuilt.state_dict()[k].float(), v.float()) for k, v in bf16_model.state_dict().items())
+
+
 def test_crash_mid_save_keeps_previous_checkpoint(setup, monkeypatch):
     model, checkpoint_dir = setup
     cm.save_checkpoint(checkpoint_dir, 1, model.state_dict(), {"x": torch.ones(2)}, meta_for(model, 1))

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, build_gpt
+from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt
 from nanochat.optim import MuonAdamW
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, CountHostReads
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -347,3 +347,99 @@ def test_setup_optimizer_is_distributed_under_torchrun(tmp_path):
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
+
+
+# ------------------------------------------------------------------ compute dtype (no autocast)
+
+
+def test_linear_casts_its_fp32_weight_to_the_input_dtype():
+    linear = Linear(16, 8)
+    x = torch.randn(4, 16).bfloat16().requires_grad_()
+    y = linear(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, x @ linear.weight.bfloat16().T)
+    y.float().sum().backward()
+    assert linear.weight.dtype == linear.weight.grad.dtype == torch.float32  # the master weight and its gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_matches_the_fp32_reference(monkeypatch, dtype):
+    monkeypatch.setenv("NANOCHAT_DTYPE", str(dtype).removeprefix("torch."))
+    config = tiny_config()
+    model = randomize_(build_model(config))
+    assert model.transformer.wte.weight.dtype == dtype and all(t.weight.dtype == dtype for t in model.value_embeds.values())
+    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if "wte" not in name and "value_embeds" not in name)
+    idx = random_tokens(config, 2, config.sequence_len)
+    logits = model(idx)
+    assert logits.dtype == torch.float32
+    sd = {k: v.float() for k, v in model.state_dict().items()}
+    expected = reference_forward(config, sd, idx)
+    relative_error = (logits - expected).norm() / expected.norm()
+    assert relative_error < 0.02  # 8 (bf16) or 11 (fp16) mantissa bits through 4 layers; fp32 agrees to 1e-6
+
+
+def test_kv_cache_decoding_never_reads_tensors_back_to_the_host():
+    """Positions come from the cache's Python counter: no GPU sync in any layer of any decode step."""
+    from nanochat.engine import KVCache
+    config = tiny_config()
+    model = randomize_(build_model(config))
+    cache = KVCache(batch_size=2, num_heads=config.n_kv_head, seq_len=20, head_dim=config.n_embd // config.n_head,
+                    num_layers=config.n_layer, device="cpu", dtype=torch.float32)
+    idx = random_tokens(config, 2, 20, seed=5)
+    with torch.no_grad(), CountHostReads() as reads:
+        pieces = [model(idx[:, :12], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]
+    assert reads.count == 0
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_training_and_decoding_keep_every_tensor_on_the_model_device():
+    """
+    A training step and a decode step on the meta device: any tensor the code makes without device=... lands on
+    the CPU and fails to mix with meta tensors, the bug that would break the same code on CUDA. (A FakeTensor
+    "cuda" trace is not possible without CUDA: the CPU build aborts the process on .to() of a fake CUDA tensor.)
+    """
+    from nanochat.engine import KVCache
+    config = tiny_config()
+    model = build_gpt(config, "meta")
+    optimizer = model.setup_optimizer()
+    idx = torch.randint(0, config.vocab_size, (2, 16), device="meta")
+    model(idx, idx).backward()
+    optimizer.step()
+    cache = KVCache(2, config.n_kv_head, 16, config.n_embd // config.n_head, config.n_layer, "meta", torch.float32)
+    with torch.no_grad():
+        model(idx[:, :8], kv_cache=cache)
+        logits = model(idx[:, 8:9], kv_cache=cache)
+    assert logits.device.type == "meta" and logits.shape == (2, 1, config.vocab_size) and cache.get_pos() == 9
+
+
+@pytest.mark.slow
+def test_compiled_training_step_compiles_once_and_never_again():
+    """
+    The model and optimizer compiled as base_train compiles them: one graph for the model at its input shape,
+    and nothing recompiles over further steps that change the learning rate, momentum and weight decay (they
+    reach the compiled optimizer as tensors), nor when validation reuses the graph in eval mode.
+    """
+    from torch._dynamo.utils import counters
+    from nanochat.optim import MuonAdamW, apply_schedules
+    config = tiny_config(n_layer=2, window_pattern="L")
+    model = build_model(config)
+    optimizer = MuonAdamW(model.setup_optimizer().param_groups, compile=True)
+    train_model = torch.compile(model, dynamic=False)
+    idx = random_tokens(config, 2, config.sequence_len + 1)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for step in range(4):
+        train_model(idx[:, :-1], idx[:, 1:]).backward()
+        if step == 0:
+            assert counters["stats"]["unique_graphs"] == 1  # the whole model, no graph breaks
+        apply_schedules(optimizer, lrm=1.0 - 0.2 * step, muon_momentum=0.85 + 0.03 * step, muon_weight_decay=0.1 * step)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == graphs[:1] * 3, graphs
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            train_model(idx[:, :-1], idx[:, 1:], loss_reduction="none")
+    assert counters["stats"]["unique_graphs"] == graphs[-1] + 1  # one inference graph for validation

@@ -4,6 +4,7 @@ Muon (momentum, Polar Express from SPEC §4, NorMuon, cautious weight decay), th
 the single-process optimizer (for the distributed one, under torchrun), and hand-computed schedules.
 """
 
+import math
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from nanochat.common import UserError
 from nanochat.optim import (
     DistMuonAdamW,
+    GradScaler,
     MuonAdamW,
     apply_schedules,
     get_lr_multiplier,
@@ -208,6 +210,64 @@ def test_clear_errors():
         optimizer.step()
 
 
+# ------------------------------------------------------------------ fp16 loss scaling
+
+
+def test_grad_scaler_unscales_skips_overflows_and_grows():
+    params = make_mixed_model()
+    reference = [leaf(p.detach().clone()) for p in params]
+    optimizer, reference_optimizer = MuonAdamW(mixed_groups(params)), MuonAdamW(mixed_groups(reference))
+    scaler = GradScaler(enabled=True, init_scale=2.0**10, growth_interval=2)
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, q, g in zip(params, reference, grads):
+            p.grad = scaler.scale_loss(g).to(p.dtype)  # what backward() of a scaled loss leaves
+            q.grad = g.to(q.dtype)
+        if step == 1:
+            params[2].grad[0, 0] = float("inf")  # an overflow: the whole step is skipped, everywhere
+            before = [p.detach().clone() for p in params]
+            assert scaler.step(optimizer) is False and scaler.scale == 2.0**9
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            continue
+        assert scaler.step(optimizer) is True
+        reference_optimizer.step()
+        for p, q in zip(params, reference):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    assert scaler.scale == 2.0**10  # two clean steps since the overflow: doubled once
+
+
+def test_disabled_grad_scaler_is_a_pass_through():
+    params, reference = make_mixed_model(), make_mixed_model()
+    scaler = GradScaler(enabled=False)
+    loss = torch.tensor(3.0)
+    assert scaler.scale_loss(loss) is loss
+    optimizer, reference_optimizer = MuonAdamW(mixed_groups(params)), MuonAdamW(mixed_groups(reference))
+    for p, q in zip(params, reference):
+        p.grad = q.grad = torch.ones_like(p) * 1e30  # no check for inf either: bf16/fp32 have the range
+    assert scaler.step(optimizer) is True
+    reference_optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference))
+
+
+def test_fp16_training_with_the_scaler_learns(monkeypatch):
+    from nanochat.gpt import GPTConfig, build_gpt
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = build_gpt(config, "cpu")
+    optimizer, scaler = model.setup_optimizer(), GradScaler(enabled=True)
+    idx = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        scaler.scale_loss(loss).backward()
+        scaler.step(optimizer)
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < 0.5 * losses[0]
+
+
 # ------------------------------------------------------------------ distributed
 
 
@@ -227,6 +287,7 @@ def test_dist_muon_adamw_matches_single_process_under_torchrun(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert output.count("resume from per-rank state is exact") == 2, output
+    assert output.count("an overflow on one rank skips the step on all") == 2, output
     assert sorted(os.listdir(tmp_path)) == ["optim_rank0.pt", "optim_rank1.pt"]
 
 
