@@ -304,7 +304,7 @@ next(loader)  # the producer thread now reads and tokenizes ahead
 """
 
 
-def test_loader_thread_is_stopped_before_interpreter_exit(shared_data, tiny_tokenizer, tmp_path):
+def test_loader_thread_is_stopped_before_interpreter_exit(test_data, tiny_tokenizer, tmp_path):
     """A producer thread still inside pyarrow when the interpreter finalizes aborted the process (SIGABRT)."""
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
