@@ -1,7 +1,8 @@
 """
 Getting pretraining shards (reading them is nanochat/dataset.py):
 
-  python -m nanochat.dataprep -n 8                 # first 8 shards + the val shard (parallel, resumable)
+  python -m nanochat.dataprep -n 8                 # first 8 ClimbMix shards + its val shard (parallel, resumable)
+  python -m nanochat.dataprep -n 8 --source fineweb-edu   # the same from FineWeb-Edu
   python -m nanochat.dataprep --from-dir DIR       # link (or copy) existing parquet shards
   python -m nanochat.dataprep --build-from a.txt docs/ b.jsonl.gz c.parquet  # shards from your own text
   python -m nanochat.dataprep --offline-corpus     # shards from the docs of the installed Python
@@ -32,12 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.datasource import DownloadError, download, remove_temp_files, temp_path
-from nanochat.dataset import (SHARD_RE, check_shard, download_dir, get_data_dir, loud, offline_corpus_dir,
-                              shard_name, shard_names)
+from nanochat.dataset import (DEFAULT_SHARD_SET, SHARD_RE, SHARD_SETS, check_shard, download_dir, find_shard_dir,
+                              local_dir, loud, offline_corpus_dir, shard_name, shard_names)
 
-# FineWeb-Edu 100B, reshuffled and repackaged as ~250M-char shards; the last one (index 1822) is val.
-DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822
 SHARD_HINT = ("Other ways to get shards: python -m nanochat.dataprep --from-dir DIR (existing shards) or "
               "--build-from FILES (your own text). Re-running resumes: complete shards are kept.")
 
@@ -45,13 +43,13 @@ SHARD_HINT = ("Other ways to get shards: python -m nanochat.dataprep --from-dir 
 # -----------------------------------------------------------------------------
 # Downloading
 
-def shard_indices(num_shards, max_shard=MAX_SHARD):
+def shard_indices(num_shards, max_shard):
     """The first num_shards train shards (-1: all) plus the last shard, which is val."""
     num_train = max_shard if num_shards < 0 else min(num_shards, max_shard)
     return list(range(num_train)) + [max_shard]
 
 
-def download_shards(indices, data_dir, base_url=DEFAULT_BASE_URL, workers=4, attempts=5, backoff=1.0, timeout=30):
+def download_shards(indices, data_dir, base_url, workers=4, attempts=5, backoff=1.0, timeout=30):
     """
     Download shards in parallel, skipping those present. The first shard that fails for good stops
     the others. The workers are daemon threads, not a concurrent.futures pool, which would wait for
@@ -105,17 +103,23 @@ def download_shards(indices, data_dir, base_url=DEFAULT_BASE_URL, workers=4, att
     return data_dir
 
 
-def ensure_data(num_shards, base_url=DEFAULT_BASE_URL, max_shard=MAX_SHARD, workers=4, attempts=5, timeout=30):
+def ensure_data(num_shards, shard_set=DEFAULT_SHARD_SET, base_url=None, max_shard=None, workers=4, attempts=5,
+                timeout=30):
     """
     Shards for a run, in the data order: when $NANOCHAT_DATA_DIR or the embedded sample supplies them,
-    nothing to do; otherwise download num_shards (+ val) into base_dir/base_data, keeping those there.
+    nothing to do; otherwise download num_shards (+ val) of the set (a name in SHARD_SETS) into its
+    folder of the base dir, keeping those there. base_url and max_shard default to the set's.
     """
-    data_dir = get_data_dir()
-    if data_dir not in (download_dir(), offline_corpus_dir()):
+    data_dir = find_shard_dir()
+    if data_dir not in (None, download_dir(), local_dir(), offline_corpus_dir()):
         print(f"Using the {len(shard_names(data_dir))} shards in {data_dir}: nothing to download")
         return data_dir
-    return download_shards(shard_indices(num_shards, max_shard), download_dir(), base_url, workers, attempts,
-                           timeout=timeout)
+    source = SHARD_SETS[shard_set]
+    max_shard = source.max_shard if max_shard is None else max_shard
+    if num_shards > max_shard:
+        print(f"{source.title} has {max_shard} train shards: downloading all of them")
+    return download_shards(shard_indices(num_shards, max_shard), download_dir(shard_set), base_url or source.url,
+                           workers, attempts, timeout=timeout)
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +131,7 @@ def link_shards(src_dir, data_dir=None):
     base_dir/base_data): symlinks where possible, else copies. Files keep their names when they are
     all shard_NNNNN.parquet, otherwise they are numbered in sorted order (the last one is val).
     """
-    data_dir = data_dir or download_dir()
+    data_dir = data_dir or local_dir()
     if not os.path.isdir(src_dir):
         raise FileNotFoundError(f"--from-dir {src_dir} is not a directory")
     if not any(f.endswith(".parquet") for f in os.listdir(src_dir)) and os.path.isdir(os.path.join(src_dir, "pretrain")):
@@ -404,8 +408,10 @@ def main(argv=None):
     mode.add_argument("--build-from", nargs="+", metavar="PATH", help="build shards from .txt/.jsonl(.gz)/.parquet files or dirs")
     mode.add_argument("--offline-corpus", action="store_true", help="build shards from the installed Python's documentation")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--base-url", default=os.environ.get("NANOCHAT_DATA_URL", DEFAULT_BASE_URL), help="(or $NANOCHAT_DATA_URL)")
-    parser.add_argument("--max-shard", type=int, default=MAX_SHARD, help="index of the last (val) shard of the remote set")
+    parser.add_argument("--source", choices=SHARD_SETS, default=DEFAULT_SHARD_SET, help="the set -n downloads")
+    parser.add_argument("--base-url", default=os.environ.get("NANOCHAT_DATA_URL"),
+                        help="a mirror of the set (or $NANOCHAT_DATA_URL); default: the set's own")
+    parser.add_argument("--max-shard", type=int, default=None, help="index of the last (val) shard; default: the set's")
     parser.add_argument("--attempts", type=int, default=5, help="tries per shard before giving up")
     parser.add_argument("--timeout", type=float, default=30, help="seconds without progress before a try fails")
     parser.add_argument("--out-dir", default=None, help="output dir of --build-from/--offline-corpus/--from-dir")
@@ -415,12 +421,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.num_files is not None:
-            written_dir = ensure_data(args.num_files, args.base_url, args.max_shard, args.num_workers, args.attempts,
-                                      args.timeout)
+            written_dir = ensure_data(args.num_files, args.source, args.base_url, args.max_shard, args.num_workers,
+                                      args.attempts, args.timeout)
         elif args.from_dir:
             written_dir = link_shards(args.from_dir, args.out_dir)
         elif args.build_from:
-            written_dir = args.out_dir or download_dir()
+            written_dir = args.out_dir or local_dir()
             write_shards(read_documents(args.build_from), written_dir, args.docs_per_row_group or 1024, args.docs_per_shard or 8192)
         else:
             written_dir = args.out_dir or offline_corpus_dir()
@@ -432,8 +438,9 @@ def main(argv=None):
         print("\nInterrupted: nothing partial is left where training reads (a download keeps its complete shards: "
               "re-run to resume)", file=sys.stderr)
         return 130
-    if os.path.abspath(written_dir) != os.path.abspath(get_data_dir()):
-        print(f"Note: training reads shards from {get_data_dir()}, not from {written_dir} "
+    reading_dir = find_shard_dir() or download_dir()
+    if os.path.abspath(written_dir) != os.path.abspath(reading_dir):
+        print(f"Note: training reads shards from {reading_dir}, not from {written_dir} "
               f"(see the data order in nanochat/datasource.py)")
     return 0
 

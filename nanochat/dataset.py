@@ -6,8 +6,10 @@ row, in row groups (1024 docs by default; any size works). The LAST shard is val
 are train.
 
 The shards are read from the first of these that holds any (the data order of nanochat/datasource.py):
-$NANOCHAT_DATA_DIR/pretrain, base_dir/base_data (downloads, --from-dir, --build-from),
-base_dir/base_data_offline (--offline-corpus), the embedded sample data/pretrain (NANOCHAT_DATA=embedded).
+$NANOCHAT_DATA_DIR/pretrain, base_dir/base_data_climbmix (ClimbMix downloads, the default set),
+base_dir/base_data (FineWeb-Edu downloads, --from-dir, --build-from; read with a warning, since ClimbMix
+was not there), base_dir/base_data_offline (--offline-corpus), the embedded sample data/pretrain
+(NANOCHAT_DATA=embedded).
 
 `python -m nanochat.dataset ...` is the same command as `python -m nanochat.dataprep ...`.
 """
@@ -16,6 +18,7 @@ import os
 import re
 import sys
 from functools import lru_cache
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +33,30 @@ DATA_SOURCES_HELP = ("Get shards with `python -m nanochat.dataprep` and one of: 
                      "NANOCHAT_DATA=embedded for the small sample in the repo's data/ (CPU demo and tests only).")
 
 
+class ShardSet(NamedTuple):
+    """A pretraining set that downloads: shard_00000 ... shard_{max_shard} at url, the last one val."""
+    title: str  # for messages
+    folder: str  # its folder in the base dir
+    url: str
+    max_shard: int
+
+
+# Both are reshuffled and repackaged as shards of ~250M chars (~100 MB) in row groups of 1024 docs.
+# ClimbMix is the default: the 2026 recipe and its time to GPT-2's CORE were measured on it (~150 of
+# its shards cover a GPT-2-sized run). FineWeb-Edu keeps the folder it always had, so shards
+# downloaded before ClimbMix stay usable.
+SHARD_SETS = {
+    "climbmix": ShardSet("ClimbMix 400B", "base_data_climbmix",
+                         "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
+    "fineweb-edu": ShardSet("FineWeb-Edu 100B", "base_data",
+                            "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
+}
+DEFAULT_SHARD_SET = "climbmix"
+LOCAL_FOLDER = SHARD_SETS["fineweb-edu"].folder  # --from-dir and --build-from put shards here, as they always did
+OFFLINE_FOLDER = "base_data_offline"  # apart, so that a resumed download never takes them for its own shards
+SHARD_FOLDERS = (SHARD_SETS[DEFAULT_SHARD_SET].folder, LOCAL_FOLDER, OFFLINE_FOLDER)  # the base dir's, in the data order
+
+
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
@@ -41,14 +68,16 @@ def shard_names(directory):
     return sorted(name for name in os.listdir(directory) if SHARD_RE.fullmatch(name))
 
 
-def download_dir():
-    return os.path.join(get_base_dir(), "base_data")
+def download_dir(shard_set=DEFAULT_SHARD_SET):
+    return os.path.join(get_base_dir(), SHARD_SETS[shard_set].folder)
+
+
+def local_dir():
+    return os.path.join(get_base_dir(), LOCAL_FOLDER)
 
 
 def offline_corpus_dir():
-    # A separate directory so that offline-corpus shards are never mistaken for downloaded ones
-    # (a resumed download skips shards that are present under the same name).
-    return os.path.join(get_base_dir(), "base_data_offline")
+    return os.path.join(get_base_dir(), OFFLINE_FOLDER)
 
 
 def loud(message):
@@ -62,11 +91,26 @@ def _warn_offline_corpus(directory):
                 f"Python packages, not web text. Models trained on it are for smoke tests only."))
 
 
+@lru_cache(maxsize=None)  # once per process and directory
+def _warn_not_default_set(directory):
+    default = SHARD_SETS[DEFAULT_SHARD_SET]
+    print0(f"WARNING: no {default.title} shards (the default set) in {download_dir()}: training reads the "
+           f"{len(shard_names(directory))} shards in {directory} (FineWeb-Edu, or your own). "
+           f"To get {default.title}: python -m nanochat.dataprep -n N")
+
+
+def find_shard_dir():
+    """The directory the shards are read from (see the module docstring), or None when none holds any."""
+    return find_data("pretrain", SHARD_FOLDERS, present=shard_names)
+
+
 def get_data_dir():
-    """The directory the shards are read from (see the module docstring); base_dir/base_data when none has any."""
-    data_dir = find_data("pretrain", ("base_data", "base_data_offline"), present=shard_names)
+    """find_shard_dir(), with a warning when that is not the default set's; else where the default set downloads."""
+    data_dir = find_shard_dir()
     if data_dir == offline_corpus_dir():
         _warn_offline_corpus(data_dir)
+    elif data_dir == local_dir():
+        _warn_not_default_set(data_dir)
     return data_dir or download_dir()
 
 

@@ -14,8 +14,8 @@ python -m nanochat.report reset
 
 # Shards: d32 scaling params = 32 x 12 x 2048^2 + 32768 x 2048 = 1.68B; x 10.5 tokens/param = 17.6B
 # tokens ~ 85B chars ~ 340 shards of text, ~520 read with the ~35% best-fit crop; 600 for headroom.
-python -m nanochat.dataset -n 8
-python -m nanochat.dataset -n 600 &
+python -m nanochat.dataset -n 8 --source climbmix
+python -m nanochat.dataset -n 600 --source climbmix &
 DATASET_DOWNLOAD_PID=$!
 python -m scripts.tok_train --max-chars=4000000000 --vocab-size=32768
 python -m scripts.tok_eval

@@ -8,7 +8,7 @@
 # Data: the embedded sample in data/ (NANOCHAT_DATA=embedded, set below: a few MB shipped in the repo,
 # read offline; see data/SOURCES.md), unless $NANOCHAT_DATA_DIR names a data tree (pretrain/ shards,
 # eval_bundle/, chat/, words/) or the base dir already holds the data. Nothing is downloaded; to
-# download FineWeb-Edu shards and the rest instead: NANOCHAT_DATA= bash runs/runcpu.sh
+# download ClimbMix shards and the rest instead: NANOCHAT_DATA= bash runs/runcpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

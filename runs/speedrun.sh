@@ -22,8 +22,8 @@ python -m nanochat.report reset
 # headroom for a worse crop or chars/token (each shard is ~100 MB; past the last one the loader would
 # start a second epoch). The first 8 are fetched now for the tokenizer, the rest in the background
 # while the tokenizer trains.
-python -m nanochat.dataset -n 8
-python -m nanochat.dataset -n 370 &
+python -m nanochat.dataset -n 8 --source climbmix
+python -m nanochat.dataset -n 370 --source climbmix &
 DATASET_DOWNLOAD_PID=$!
 
 python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768

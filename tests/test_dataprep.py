@@ -240,6 +240,50 @@ def test_unreachable_url_fails_fast_with_a_clear_message(tmp_path, closed_port_u
 
 
 # -----------------------------------------------------------------------------
+# the shard sets: ClimbMix (the default) and FineWeb-Edu, each with its own URL, val shard and folder
+
+def serve_set(monkeypatch, tmp_path, name, num_train, val_index):
+    """A FileServer holding train shards 0..num_train-1 and shard val_index, the set `name` pointed at it."""
+    files = make_remote(tmp_path / name, num_train)
+    write_parquet(tmp_path / "val.parquet", [f"{name} val doc {j}" for j in range(10)])
+    files[dataset.shard_name(val_index)] = (tmp_path / "val.parquet").read_bytes()
+    server = FileServer(files)
+    monkeypatch.setitem(dataset.SHARD_SETS, name, dataset.SHARD_SETS[name]._replace(url=server.url))
+    return server, files
+
+
+@pytest.mark.parametrize("name, argv, folder, val_index", [
+    ("climbmix", [], "base_data_climbmix", 6542),  # the default
+    ("fineweb-edu", ["--source", "fineweb-edu"], "base_data", 1822),
+])
+def test_each_set_downloads_the_asked_shards_and_its_val_shard_into_its_folder(
+        tmp_path, base_dir, monkeypatch, closed_port_url, capsys, name, argv, folder, val_index):
+    for other in dataset.SHARD_SETS:  # a download from another set's URL fails
+        monkeypatch.setitem(dataset.SHARD_SETS, other, dataset.SHARD_SETS[other]._replace(url=closed_port_url))
+    server, files = serve_set(monkeypatch, tmp_path, name, 3, val_index)
+    with server:
+        assert dataprep.main(["-n", "2", *argv, "--attempts", "1"]) == 0, capsys.readouterr().err
+    expected = [dataset.shard_name(i) for i in (0, 1, val_index)]
+    assert server.requests == {shard: 1 for shard in expected}
+    assert os.listdir(base_dir) == [folder] and sorted(os.listdir(base_dir / folder)) == expected
+    for shard in expected:
+        assert (base_dir / folder / shard).read_bytes() == files[shard]
+    assert dataset.split_files("val") == [str(base_dir / folder / dataset.shard_name(val_index))]
+    assert "Note: training reads" not in capsys.readouterr().out  # training reads what was just downloaded
+
+
+def test_asking_for_more_shards_than_the_set_has_downloads_all_once(tmp_path, base_dir, monkeypatch, capsys):
+    server, files = serve_set(monkeypatch, tmp_path, "climbmix", 3, 3)
+    monkeypatch.setitem(dataset.SHARD_SETS, "climbmix", dataset.SHARD_SETS["climbmix"]._replace(max_shard=3))
+    with server:
+        for _ in range(2):  # the second run finds everything there
+            assert dataprep.main(["-n", "10"]) == 0
+    assert "ClimbMix 400B has 3 train shards: downloading all of them" in capsys.readouterr().out
+    assert server.requests == {name: 1 for name in files}
+    assert dataset.list_parquet_files() == [str(base_dir / "base_data_climbmix" / name) for name in sorted(files)]
+
+
+# -----------------------------------------------------------------------------
 # offline corpus and ensure_data
 
 def test_offline_corpus_builds_valid_shards(tmp_path, capsys):
@@ -266,11 +310,15 @@ def test_ensure_data_downloads_only_when_no_local_source_has_shards(tmp_path, mo
         dataprep.ensure_data(2, base_url=closed_port_url, attempts=1)
     write_parquet(tmp_path / "a.parquet", ["x"])
     write_parquet(tmp_path / "b.parquet", ["y"])
-    dataprep.link_shards(str(tmp_path))
+    dataprep.link_shards(str(tmp_path))  # into base_data, FineWeb-Edu's folder
     files = make_remote(tmp_path, 3)
-    with FileServer(files, str(base_dir / "base_data")) as server:  # a resumed download keeps what is there
-        assert dataprep.ensure_data(2, base_url=server.url, max_shard=2) == str(base_dir / "base_data")
-    assert server.requests == {dataset.shard_name(2): 1}
+    with FileServer(files) as server:  # a resumed download keeps what is there
+        assert dataprep.ensure_data(2, "fineweb-edu", base_url=server.url, max_shard=2) == str(base_dir / "base_data")
+        assert server.requests == {dataset.shard_name(2): 1}
+        # ClimbMix, the default, is not in base_data: it downloads into its own folder
+        assert dataprep.ensure_data(2, base_url=server.url, max_shard=2) == str(base_dir / "base_data_climbmix")
+    assert server.requests == {dataset.shard_name(i): 1 for i in range(3)} | {dataset.shard_name(2): 2}
+    assert dataset.shard_names(base_dir / "base_data_climbmix") == [dataset.shard_name(i) for i in range(3)]
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +334,7 @@ PROGRAMS = {  # a download in a subprocess, the way users start them: the parall
 def start_stalled_download(program, tmp_path, base_dir):
     """A download whose transfers are all half done, the rest never comes; -> (process, server, dest dir)."""
     files = make_remote(tmp_path, 3)
-    dest = base_dir / "base_data" if program == "shards" else base_dir
+    dest = base_dir / "base_data_climbmix" if program == "shards" else base_dir
     server = FileServer(files, stall_seconds=60).__enter__()
     server.stall = set(files)
     # SIGINT as a terminal gives it: a shell without job control (CI, a script run with &) starts

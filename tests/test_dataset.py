@@ -72,22 +72,37 @@ def test_listing_ignores_temp_and_foreign_files(tmp_path):
 
 
 def test_get_data_dir_follows_the_data_order(base_dir, tmp_path, monkeypatch):
-    download_dir, offline_dir = base_dir / "base_data", base_dir / "base_data_offline"
-    assert dataset.get_data_dir() == str(download_dir)  # nothing anywhere: where downloads go
+    climbmix_dir, local_dir, offline_dir = base_dir / "base_data_climbmix", base_dir / "base_data", base_dir / "base_data_offline"
+    assert dataset.get_data_dir() == str(climbmix_dir)  # nothing anywhere: where the default set downloads
     monkeypatch.setenv("NANOCHAT_DATA", "embedded")
     assert dataset.get_data_dir() == str(REPO_ROOT / "data" / "pretrain")  # the embedded sample, when asked for
-    offline_dir.mkdir()
-    write_parquet(offline_dir / "shard_00000.parquet", ["x"])
-    assert dataset.get_data_dir() == str(offline_dir)  # what the base dir holds beats the embedded sample
-    download_dir.mkdir()
-    write_parquet(download_dir / "shard_00000.parquet", ["x"])
-    assert dataset.get_data_dir() == str(download_dir)  # downloaded shards beat the offline corpus
+    for directory in (offline_dir, local_dir, climbmix_dir):  # each beats the ones before it
+        directory.mkdir()
+        write_parquet(directory / "shard_00000.parquet", ["x"])
+        assert dataset.get_data_dir() == str(directory)
     tree = tmp_path / "tree"
     (tree / "pretrain").mkdir(parents=True)
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tree))
-    assert dataset.get_data_dir() == str(download_dir)  # a data tree without shards is passed over
+    assert dataset.get_data_dir() == str(climbmix_dir)  # a data tree without shards is passed over
     write_parquet(tree / "pretrain" / "shard_00000.parquet", ["x"])
     assert dataset.get_data_dir() == str(tree / "pretrain")  # NANOCHAT_DATA_DIR beats everything
+
+
+def test_shards_outside_the_default_set_folder_are_read_with_one_warning_line(base_dir, capsys):
+    climbmix_dir, local_dir = base_dir / "base_data_climbmix", base_dir / "base_data"
+    climbmix_dir.mkdir()  # e.g. a ClimbMix download that failed
+    local_dir.mkdir()  # FineWeb-Edu shards, or shards from --from-dir / --build-from
+    for i in range(3):
+        write_parquet(local_dir / dataset.shard_name(i), ["x"])
+    capsys.readouterr()
+    assert dataset.get_data_dir() == str(local_dir) and dataset.get_data_dir() == str(local_dir)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, warnings  # once per process, not once per lookup
+    assert f"no ClimbMix 400B shards (the default set) in {climbmix_dir}" in warnings[0]
+    assert f"the 3 shards in {local_dir}" in warnings[0] and "python -m nanochat.dataprep -n" in warnings[0]
+    write_parquet(climbmix_dir / dataset.shard_name(0), ["x"])
+    assert dataset.get_data_dir() == str(climbmix_dir)  # ClimbMix shards, when there, win without a word
+    assert "WARNING" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("num_shards", [0, 1])
@@ -109,7 +124,7 @@ def test_dataset_module_runs_the_prep_cli_and_the_embedded_sample_downloads_noth
     result = subprocess.run([sys.executable, "-m", "nanochat.dataset", "-n", "8"], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "nothing to download" in result.stdout and not (base_dir / "base_data").exists()
+    assert "nothing to download" in result.stdout and os.listdir(base_dir) == []
     assert result.stdout.count("Data: the embedded sample") == 1
 
 
