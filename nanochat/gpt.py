@@ -262,7 +262,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02 if new else 0.0)
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02 if new else 0.0)  # (January: exactly zero)
         for table in self.value_embeds.values():
             nn.init.uniform_(table.weight, -bound, bound)
         device = self.get_device()

@@ -402,7 +402,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import DistMuonAdamW
 ddp, rank, _, world_size, device = compute_init("cpu")
 torch.manual_seed(0)
-model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, smear=True, backout=True))
 model.init_weights()
 optimizer = model.setup_optimizer()
 assert isinstance(optimizer, DistMuonAdamW), type(optimizer)
