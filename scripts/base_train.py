@@ -180,7 +180,8 @@ lr_scale = batch_lr_scale(total_batch_size)
 weight_decay = transfer_weight_decay(args.weight_decay, total_batch_size, target_tokens, reference_tokens)
 lrs = {f"{name}_lr": getattr(args, f"{name}_lr") * lr_scale for name in ("embedding", "unembedding", "matrix", "scalar")}
 print0(f"LRs x {lr_scale:.4f} (batch scale): " + ", ".join(f"{name} {lr:.6g}" for name, lr in lrs.items()) +
-       f"; Muon weight decay {args.weight_decay} x {lr_scale:.4f} x D_ref/D {reference_tokens / target_tokens:.4f} = {weight_decay:.6g}")
+       f"; Muon weight decay {weight_decay:.6g} (--weight-decay={args.weight_decay} x batch scale x D_ref / D = "
+       f"{reference_tokens / target_tokens:.4g})")
 optimizer = model.setup_optimizer(**lrs, weight_decay=weight_decay)
 if resuming:
     optimizer.load_state_dict(optimizer_data)
