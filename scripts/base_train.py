@@ -297,9 +297,9 @@ while True:
     dt = time.time() - t0
     step += 1
     # Python's cycle collector would otherwise pause training now and then to scan every object alive
-    # (the model, compiled code, the loader): after the first step, freeze those out of its view and
-    # collect by hand, rarely, for the little cyclic garbage a step leaves.
-    if step == 1:
+    # (the model, compiled code, the loader): after this process's first step, freeze those out of its
+    # view and collect by hand, rarely, for the little cyclic garbage a step leaves.
+    if gc.isenabled():
         gc.collect()
         gc.freeze()
         gc.disable()
