@@ -14,9 +14,16 @@ run. Groups (2026 -> January):
   adamw    per-group AdamW betas and decays                              ->  betas (0.8, 0.95), no decay
   muon     momentum 0.85 -> 0.97 -> 0.90, NorMuon beta2 0.9, margin 1.01, MuonEq + Muon+
            ->  momentum 0.85 -> 0.95 over 300 steps, beta2 0.95, margin 1.02, neither
+  attention  rotary base 100,000, q/k x1.2, short window seq/4  ->  10,000, x1, seq/2
+  ve       value-embedding gate 3 sigmoid over 12 channels  ->  2 sigmoid over 32
+  init     2026 init (wte std 0.8, c_fc 0.4x, depth-graded lambdas, VE gate U(0, 0.02))  ->  January init
+  smear    smear  ->  none
+  backout  backout  ->  none
 """
 
 import argparse
+import dataclasses
+import functools
 import runpy
 import sys
 
@@ -80,8 +87,25 @@ def january_muon(argv):
     return []
 
 
+def january_config(**fields):
+    """Wrap config_for_depth (the 2026 architecture) to give these fields their January values."""
+    config_for_depth = gpt.config_for_depth
+    gpt.config_for_depth = lambda *args, **kwargs: dataclasses.replace(config_for_depth(*args, **kwargs), **fields)
+    return []
+
+
+def january_init(argv):
+    gpt.build_gpt = functools.partial(gpt.build_gpt, init="january")
+    return []
+
+
 GROUPS = {"wd": january_weight_decay, "horizon": january_horizon, "lrs": january_lrs, "adamw": january_adamw,
-          "muon": january_muon}
+          "muon": january_muon,
+          "attention": lambda argv: january_config(rotary_base=10000.0, qk_scale=1.0, short_window=0),
+          "ve": lambda argv: january_config(ve_gate_channels=32, ve_gate_scale=2.0),
+          "init": january_init,
+          "smear": lambda argv: january_config(smear=False),
+          "backout": lambda argv: january_config(backout=False)}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--turn-back", default="", help=f"comma-separated groups: {', '.join(GROUPS)}, or all")
