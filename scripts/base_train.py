@@ -143,12 +143,13 @@ def scaling_params(config):
     return counts["transformer_matrices"] + counts["lm_head"]
 
 
-target_tokens = args.target_param_data_ratio * scaling_params(config)
+model_scaling_params = scaling_params(config)
+target_tokens = args.target_param_data_ratio * model_scaling_params
 reference_config = config_for_depth(12, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.window_pattern)
 reference_tokens = args.target_param_data_ratio * scaling_params(reference_config)
 if args.total_batch_size == -1:
     total_batch_size = auto_batch_size(target_tokens, reference_tokens)
-    print0(f"Batch size: automatic. D = {args.target_param_data_ratio:g} x {scaling_params(config):,} = {target_tokens:,.0f} "
+    print0(f"Batch size: automatic. D = {args.target_param_data_ratio:g} x {model_scaling_params:,} = {target_tokens:,.0f} "
            f"tokens, d12 reference D_ref = {reference_tokens:,.0f} tokens at 2^19; 2^19 x (D / D_ref)^0.383 = "
            f"{REFERENCE_BATCH_SIZE * (target_tokens / reference_tokens) ** 0.383:,.0f} -> 2^{round(math.log2(total_batch_size))}")
 else:
