@@ -68,7 +68,7 @@ def january_lrs(argv):
 def january_adamw(argv):
     def change(model, group):
         # x0 kept its own betas in January; the smear/backout gates did not exist (their group stays)
-        gates = [p for name, p in model.named_parameters() if name.split(".")[0] in ("smear_gate", "smear_lambda", "backout_lambda")]
+        gates = [p for name, p in model.named_parameters() if name.startswith(gpt.SMEAR_BACKOUT_PARAMS)]
         if group["kind"] == "adamw" and not is_group_of(group, [model.x0_lambdas]) and not is_group_of(group, gates):
             group["betas"], group["weight_decay"] = (0.8, 0.95), 0.0
     change_groups(change)
