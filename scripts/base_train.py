@@ -283,8 +283,7 @@ while True:
     synchronize(device_type)
     t0 = time.time()
     for micro_step in range(grad_accum_steps):
-        # mean over the trained targets (-1 = ignored); a micro-batch without any gives 0, never 0/0 = NaN
-        loss = train_model(x, y, loss_reduction="sum") / (y != -1).sum().clamp_min(1)
+        loss = train_model(x, y)  # mean over the trained targets; 0 (not NaN) for a micro-batch without any
         train_loss = loss.detach()
         scaler.scale_loss(loss / grad_accum_steps).backward()
         x, y, dataloader_state = next(train_loader)  # fetch the next batch while the device works
