@@ -132,7 +132,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         os.remove(meta_path(checkpoint_dir, step))
     if rank == 0:
         # Weights go to disk in fp32 whatever the run's compute dtype, so a checkpoint loads the same everywhere.
-        model_data = {k: v.float() if v.is_floating_point() else v for k, v in model_data.items()}
+        model_data = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model_data.items()}
         atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
         atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
