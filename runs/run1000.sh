@@ -12,19 +12,19 @@ bash runs/setup.sh
 source .venv/bin/activate
 python -m nanochat.report reset
 
-# Shards: d32 scaling params = 32 x 12 x 2048^2 + 32768 x 2048 = 1.68B; x 10.5 tokens/param = 17.6B
-# tokens ~ 85B chars ~ 340 shards of text, ~520 read with the ~35% best-fit crop; 600 for headroom.
+# Shards: d32 scaling params = 32 x 12 x 2048^2 + 32768 x 2048 = 1.68B; x 12 tokens/param (the default
+# ratio) = 20.2B tokens ~ 97B chars ~ 390 shards of text, ~600 read with the ~35% best-fit crop; 650 for headroom.
 python -m nanochat.dataset -n 8 --source climbmix
-python -m nanochat.dataset -n 600 --source climbmix &
+python -m nanochat.dataset -n 650 --source climbmix &
 DATASET_DOWNLOAD_PID=$!
 python -m scripts.tok_train --max-chars=4000000000 --vocab-size=32768
 python -m scripts.tok_eval
 wait $DATASET_DOWNLOAD_PID
 
 # d32 activations at 32 rows x 2048 do not fit next to the optimizer state on 80 GB: 16 rows, and the
-# same 2^19 tokens per step through gradient accumulation.
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --save-every=2000 \
-    --device-type=cuda --run=$WANDB_RUN
+# automatic 2^21 tokens per step through gradient accumulation (8 steps). --fp8 as in the speedrun.
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --fp8 \
+    --save-every=2000 --device-type=cuda --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
 

@@ -183,7 +183,7 @@ while True:
         rows = slice(first, first + args.device_batch_size)
         token_nll = model(inputs[rows], targets[rows], loss_reduction="none")
         scaler.scale_loss(policy_gradient_loss(token_nll, targets[rows], advantages[rows], normaliser)).backward()
-    lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    lrm = get_lr_multiplier(step, num_iterations, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
     scaler.step(optimizer)
     model.zero_grad(set_to_none=True)

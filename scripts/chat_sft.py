@@ -234,7 +234,7 @@ while True:
         loss = train_model(inputs, targets, loss_reduction="sum") / normaliser
         train_loss += loss.detach()
         scaler.scale_loss(loss).backward()
-    lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_ratio=0.0,
+    lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_steps=0,
                             warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
     scaler.step(optimizer)
