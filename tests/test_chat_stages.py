@@ -140,3 +140,69 @@ def test_chat_rl_logs_finite_reward(base_dir, tiny_tokenizer):
     meta = read_meta(base_dir / "chatrl_checkpoints" / MODEL_TAG, 2)
     assert meta["model_config"] == asdict(config)
     assert set(meta["val_pass_at_k"]) == {"pass@1", "pass@2"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: one run against the same run interrupted after a --save-every checkpoint and resumed from it
+
+
+def copy_interrupted_run(base_dir, new_dir, stage_dirs, stage_dir, step):
+    """new_dir: the tokenizer, the source checkpoints and, of stage_dir, only `step` (as if the run died after it)."""
+    import shutil
+    shutil.copytree(base_dir / "tokenizer", new_dir / "tokenizer")
+    for source_dir in stage_dirs:
+        shutil.copytree(base_dir / source_dir, new_dir / source_dir)
+    (new_dir / stage_dir / MODEL_TAG).mkdir(parents=True)
+    for path in (base_dir / stage_dir / MODEL_TAG).glob(f"*_{step:06d}*"):
+        shutil.copy(path, new_dir / stage_dir / MODEL_TAG / path.name)
+
+
+def step_log(output, name):
+    """{step: value of '| name X |'} of the per-step log lines."""
+    return {int(s): float(v) for s, v in re.findall(rf"^step (\d+)/.*?\| {name} ([-0-9.naif]+) ", output, flags=re.MULTILINE)}
+
+
+def assert_same_final_checkpoint(dir_a, dir_b, step):
+    a, b = torch.load(dir_a / f"model_{step:06d}.pt"), torch.load(dir_b / f"model_{step:06d}.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-identical on CPU
+    a, b = torch.load(dir_a / f"optim_{step:06d}_rank0.pt"), torch.load(dir_b / f"optim_{step:06d}_rank0.pt")
+    for index in a["state"]:
+        for key, value in a["state"][index].items():
+            assert torch.equal(value, b["state"][index][key]) if torch.is_tensor(value) else value == b["state"][index][key]
+    # the same meta, but for the flags (one has --resume-from-step) and the times
+    comparable = lambda meta: {**meta, "user_config": None, "loop_state": {
+        **meta["loop_state"], "total_training_time": None, "curve": [{**p, "time": None} for p in meta["loop_state"]["curve"]]}}
+    assert comparable(read_meta(dir_a, step)) == comparable(read_meta(dir_b, step))
+
+
+@pytest.mark.slow
+def test_chat_sft_resumes_exactly_where_it_was_saved(base_dir, tiny_tokenizer, tmp_path):
+    """An epoch horizon (the LR follows the packed fraction of the mixture, the packer holds conversations
+    between steps): the resumed run must rebuild all of it to end on the same bits."""
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"], with_optimizer=True)
+    args = ["--max-seq-len=128", "--max-examples-per-task=3", "--warmdown-ratio=1.0", "--eval-every=2", "--eval-tokens=512",
+            "--chatcore-every=-1", "--save-every=2"]
+    output = run_stage("scripts.chat_sft", args, base_dir)
+    checkpoints = base_dir / "chatsft_checkpoints" / MODEL_TAG
+    last = max(int(p.name[5:11]) for p in checkpoints.glob("meta_*.json"))
+    assert last >= 5 and (checkpoints / "meta_000002.json").exists()  # a few steps past the resume point
+    meta2 = read_meta(checkpoints, 2)
+    assert not meta2["finished"] and read_meta(checkpoints, last)["finished"]
+    assert 0 < meta2["loop_state"]["progress"] < 1 and meta2["data_states"][0]["pending"]
+
+    resumed_dir = tmp_path / "resumed"
+    copy_interrupted_run(base_dir, resumed_dir, ["base_checkpoints"], "chatsft_checkpoints", 2)
+    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir)
+    full, again = step_log(output, "loss"), step_log(resumed, "loss")
+    assert sorted(again) == list(range(3, last + 1))
+    assert {s: full[s] for s in again} == again
+    assert_same_final_checkpoint(checkpoints, resumed_dir / "chatsft_checkpoints" / MODEL_TAG, last)
+
+    # The end of the run cannot be resumed: the same one-line refusal as pretraining
+    refused = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--device-type=cpu", *args, f"--resume-from-step={last}"],
+                             cwd=REPO_ROOT, env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
+                                                 "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"Cannot resume from step {last}: this run ends at step {last}" in refused.stderr.strip().splitlines()[-1]
