@@ -10,8 +10,12 @@ a file under its final name is always whole. Because meta is written last (after
 shard), a checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at
 most an incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp
 files of a killed save are removed by the next save or load in that directory.
+Training stages resume from their own checkpoints (resume_training), and a run script re-run after a
+crash skips the stages that finished and resumes the interrupted one:
+  python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...
 """
 
+import argparse
 import dataclasses
 import glob
 import json
@@ -132,7 +136,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         os.remove(meta_path(checkpoint_dir, step))
     if rank == 0:
         # Weights go to disk in fp32 whatever the run's compute dtype, so a checkpoint loads the same everywhere.
-        model_data = {k: v.float() if v.is_floating_point() else v for k, v in model_data.items()}
+        model_data = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model_data.items()}
         atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
     if optimizer_data is not None:
         atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
@@ -405,7 +409,6 @@ def run_stage(argv=None):
     python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...  runs COMMAND, the training of one stage,
     unless that stage already finished; when it was interrupted, COMMAND gets --resume-from-step=<its last step>.
     """
-    import argparse
     parser = argparse.ArgumentParser(prog="python -m nanochat.checkpoint_manager", description=run_stage.__doc__)
     parser.add_argument("stage", choices=sorted(STAGE_DIRS))
     parser.add_argument("model_tag", help="the checkpoint directory of the stage, e.g. d20")
