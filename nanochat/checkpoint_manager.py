@@ -427,7 +427,10 @@ def run_stage(argv=None):
     command = args.command + ([f"--resume-from-step={step}"] if progress == "interrupted" else [])
     if progress == "interrupted":
         print(f"{args.stage} {args.model_tag}: resuming from step {step} of {checkpoint_dir}", flush=True)
-    os.execvp(command[0], command)
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        parser.exit(127, f"{parser.prog}: error: cannot run {command[0]}: {e.strerror}\n")
 
 
 if __name__ == "__main__":

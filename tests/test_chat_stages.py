@@ -253,7 +253,7 @@ def test_chat_rl_resumes_exactly_and_a_rerun_skips_it(base_dir, tiny_tokenizer, 
 
     resumed_dir = tmp_path / "resumed"
     copy_interrupted_run(base_dir, resumed_dir, ["chatsft_checkpoints"], "chatrl_checkpoints", 2)
-    stage = [sys.executable, "-m", "nanochat.checkpoint_manager", "rl", MODEL_TAG]
+    stage = [sys.executable, "-m", "nanochat.checkpoint_manager", "rl", MODEL_TAG, sys.executable]
     resumed = run_stage("scripts.chat_rl", args, resumed_dir, launcher=stage)
     assert "rl d2: resuming from step 2" in resumed
     full, again = step_log(output, "answer length"), step_log(resumed, "answer length")
