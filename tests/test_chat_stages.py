@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -70,9 +71,14 @@ def run_stage(module, args, base_dir, timeout=300, launcher=(sys.executable,), c
     return output
 
 
+def step_log(output, name):
+    """{step: value of '| name X |'} of the per-step log lines."""
+    return {int(s): float(v) for s, v in re.findall(rf"^step (\d+)/.*?\| {name} ([-0-9.naif]+) ", output, flags=re.MULTILINE)}
+
+
 def logged(output, name):
     """Values of '| name X |' in the per-step log lines."""
-    return [float(v) for v in re.findall(rf"^step \d+/.*?\| {name} ([-0-9.naif]+) ", output, flags=re.MULTILINE)]
+    return list(step_log(output, name).values())
 
 
 def read_meta(checkpoint_dir, step):
@@ -154,18 +160,12 @@ def test_chat_rl_logs_finite_reward(base_dir, tiny_tokenizer):
 
 def copy_interrupted_run(base_dir, new_dir, stage_dirs, stage_dir, step):
     """new_dir: the tokenizer, the source checkpoints and, of stage_dir, only `step` (as if the run died after it)."""
-    import shutil
     shutil.copytree(base_dir / "tokenizer", new_dir / "tokenizer")
     for source_dir in stage_dirs:
         shutil.copytree(base_dir / source_dir, new_dir / source_dir)
     (new_dir / stage_dir / MODEL_TAG).mkdir(parents=True)
     for path in (base_dir / stage_dir / MODEL_TAG).glob(f"*_{step:06d}*"):
         shutil.copy(path, new_dir / stage_dir / MODEL_TAG / path.name)
-
-
-def step_log(output, name):
-    """{step: value of '| name X |'} of the per-step log lines."""
-    return {int(s): float(v) for s, v in re.findall(rf"^step (\d+)/.*?\| {name} ([-0-9.naif]+) ", output, flags=re.MULTILINE)}
 
 
 def assert_same_final_checkpoint(dir_a, dir_b, step, rank=0):
