@@ -232,6 +232,7 @@ def print_samples():
 
 def save(step, val_bpb):
     meta = {"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
+            "finished": step == num_iterations,  # the run's end: a re-run pipeline skips this stage
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
             "dataloader_state_dict": dataloader_state, "loop_state": loop_state,
             # the batch size and LRs (batch-scaled) this run trained with: chat_sft continues with them
