@@ -20,20 +20,25 @@ from scripts import export_hf
 
 transformers = pytest.importorskip("transformers", reason="the export needs the [hf] extra: pip install -e '.[hf]'")
 
-SEQUENCE_LEN = 64  # short windows of 32 tokens: prompts plus 32 new tokens run past every window
+SEQUENCE_LEN = 64  # prompts of 40 tokens plus 32 new ones run past every window
+
+
+# The 2026 architecture fields, each off its January value (the short window below half the context).
+RECIPE_2026 = dict(rotary_base=100000.0, qk_scale=1.2, short_window=16, ve_gate_channels=12, ve_gate_scale=3.0,
+                   smear=True, backout=True)
 
 
 def random_model(vocab_size, seed=0):
-    """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short and a long window, and every
-    parameter moved off its init (zero-init projections and gates would hide mistakes)."""
+    """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short and a long window, every 2026 feature
+    on, and every parameter moved off its init (zero-init projections, gates and lambdas would hide mistakes)."""
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
     config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SL")
+                       window_pattern="SL", **{k: v for k, v in RECIPE_2026.items() if k in known})
     torch.manual_seed(seed)
     model = build_gpt(config, "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    assert [left for left, _ in model.window_sizes] == [32, 64, 32, 64]
     return model.eval()
 
 
@@ -49,7 +54,7 @@ def exported(tiny_tokenizer, tmp_path_factory):
 
 
 def test_export_folder_stands_alone(exported):
-    *_, out = exported
+    model, *_, out = exported
     assert sorted(os.listdir(out)) == ["config.json", "configuration_nanochat.py", "generation_config.json",
                                        "model.safetensors", "modeling_nanochat.py", "tokenizer.json",
                                        "tokenizer_config.json"]
@@ -58,7 +63,8 @@ def test_export_folder_stands_alone(exported):
         assert "import nanochat" not in code and "from nanochat" not in code
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
-    assert config["window_sizes"] == [32, 64, 32, 64] and config["value_embed_layers"] == [1, 3]
+    assert config["window_sizes"] == [left for left, _ in model.window_sizes]
+    assert min(config["window_sizes"]) < SEQUENCE_LEN and config["value_embed_layers"] == [1, 3]
 
 
 def test_weights_round_trip_exactly(exported):
