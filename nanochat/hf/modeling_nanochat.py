@@ -110,17 +110,10 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
-class NanochatPreTrainedModel(PreTrainedModel):
+class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NanochatConfig
-    base_model_prefix = "nanochat"
-    _no_split_modules = ["Block"]
-    _supports_sdpa = True
+    _no_split_modules = ["Block"]  # device_map="auto" keeps each block (and its residual) on one device
 
-    def _init_weights(self, module):
-        pass  # the weights always come from a trained checkpoint
-
-
-class NanochatForCausalLM(NanochatPreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         V, C = config.padded_vocab_size, config.n_embd
@@ -139,6 +132,9 @@ class NanochatForCausalLM(NanochatPreTrainedModel, GenerationMixin):
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.post_init()
+
+    def _init_weights(self, module):
+        pass  # the weights come from a trained checkpoint
 
     def get_input_embeddings(self):
         return self.transformer.wte
