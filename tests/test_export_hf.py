@@ -49,18 +49,21 @@ def exported(tiny_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
     export_hf.export(model, tiny_tokenizer, {}, str(out))
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    hf_model.generation_config.eos_token_id = None  # a random model may say <|assistant_end|>: generate on
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     return model, tiny_tokenizer, hf_model, hf_tokenizer, out
 
 
 def test_export_folder_stands_alone(exported):
-    model, *_, out = exported
+    model, tokenizer, *_, out = exported
     assert sorted(os.listdir(out)) == ["config.json", "configuration_nanochat.py", "generation_config.json",
                                        "model.safetensors", "modeling_nanochat.py", "tokenizer.json",
                                        "tokenizer_config.json"]
     for name in export_hf.CODE_FILES:  # the folder must load where nanochat is not installed
         code = (out / name).read_text()
         assert "import nanochat" not in code and "from nanochat" not in code
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
     assert config["window_sizes"] == [left for left, _ in model.window_sizes]
@@ -104,11 +107,25 @@ def test_greedy_generation_matches(exported):
     generate and its KV cache, for two rows at once, equal our naive generation token for token."""
     model, _, hf_model, _, _ = exported
     prompts = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
-    hf_model.generation_config.eos_token_id = None  # a random model may say <|assistant_end|>: keep going
     generated = hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=32, do_sample=False)
     for row, prompt in enumerate(prompts.tolist()):
         ours = list(model.generate(prompt, max_tokens=32, temperature=0))
         assert generated[row, 40:].tolist() == ours
+
+
+def test_beam_search_cache_follows_the_beams(exported):
+    """Beam search reorders the cache rows (and smear's carried embedding) as beams swap: each returned beam's
+    score must be the sum of its tokens' log-probabilities under one uncached forward pass."""
+    model, _, hf_model, _, _ = exported
+    prompt = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5))
+    out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                            num_beams=4, num_return_sequences=4, length_penalty=0.0, output_scores=True,
+                            return_dict_in_generate=True)
+    assert out.sequences.shape == (4, 32)
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        with torch.no_grad():
+            logprobs = model(sequence[None, :-1]).log_softmax(-1)[0, 19:]  # the predictions of the 12 new tokens
+        assert abs(score.item() - logprobs.gather(-1, sequence[20:, None]).sum().item()) < 1e-3
 
 
 TEXT = ("<|bos|>Hello world! <|user_start|>What's 12345 + 678?<|user_end|><|assistant_start|>"

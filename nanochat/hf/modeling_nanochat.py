@@ -13,7 +13,8 @@ A nanochat model in Hugging Face transformers: the same math as nanochat's gpt.p
 
 The parameter names are nanochat's own, so the safetensors file holds exactly the trained state dict.
 Generation keeps every key and value in a transformers DynamicCache and applies the windows as masks; the
-cache also carries the last token's embedding, which smear needs at the next step. Batches must be unpadded
+cache also carries the last token's embedding, which smear needs at the next step (beam search reorders it
+with the cache; assisted decoding, which crops the cache, would leave it stale). Batches must be unpadded
 (rows of equal length).
 """
 
