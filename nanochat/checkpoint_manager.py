@@ -249,8 +249,9 @@ def neutral_tensor(key, like):
     """A value for a parameter the checkpoint predates that makes it a no-op, or None if there is none."""
     if key == "resid_lambdas":
         return torch.ones(like.shape, dtype=like.dtype)  # x = 1.0 * x: the plain residual stream
-    if key == "x0_lambdas" or key.startswith("value_embeds.") or key.endswith(".ve_gate.weight"):
-        return torch.zeros(like.shape, dtype=like.dtype)  # no x0 mixing / nothing added to v
+    zero_keys = ("x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda")
+    if key in zero_keys or key.startswith("value_embeds.") or key.endswith(".ve_gate.weight"):
+        return torch.zeros(like.shape, dtype=like.dtype)  # no x0 mixing / nothing added to v / no smear / no backout
     return None
 
 

@@ -211,7 +211,8 @@ def forward_shared_prefix(model, rows, start, pad_id, device):
     lengths = [len(cont) for cont in conts]
     config = model.config
     cache_shape = dict(num_heads=config.n_kv_head, seq_len=start + max(lengths), head_dim=config.n_embd // config.n_head,
-                       num_layers=config.n_layer, device=device, dtype=get_compute_dtype(torch.device(device).type))
+                       num_layers=config.n_layer, device=device, dtype=get_compute_dtype(torch.device(device).type),
+                       embed_dim=config.n_embd)
     prefix_cache = KVCache(batch_size=1, **cache_shape)
     prefix = torch.tensor([rows[0][:start]], dtype=torch.long, device=device)
     last_logits = logits_at(model, prefix, [0], [start - 1], kv_cache=prefix_cache)  # predicts every cont[0]

@@ -34,19 +34,22 @@ class KVCache:
     """
     Keys and values of every layer for B rows: k_cache/v_cache are (num_layers, B, T, H, D), the
     (B, T, H, D) layout flash_attn_with_kvcache expects, and cache_seqlens (B,) the tokens each row holds.
+    prev_embed (B, embed_dim): each row's last token embedding, which the model's smear mixes into the next
+    token (meaningless in a row that holds no tokens).
     Rows may hold different numbers of tokens (a server's rows are unrelated conversations); `pos`, the
     longest row's length, is also kept as a Python int, so reading it never syncs with the GPU.
     """
 
     # Every per-row tensor and the dim that indexes its rows: rows() and copy_row() carry all of them, so
     # new per-row state only needs an entry here.
-    ROW_DIMS = {"k_cache": 1, "v_cache": 1, "cache_seqlens": 0}
+    ROW_DIMS = {"k_cache": 1, "v_cache": 1, "cache_seqlens": 0, "prev_embed": 0}
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, embed_dim):
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.prev_embed = torch.zeros(batch_size, embed_dim, device=device, dtype=dtype)
         self.pos = 0
 
     @property
@@ -83,6 +86,7 @@ class KVCache:
         n = other.pos
         self.k_cache[:, :, :n] = other.k_cache[:, :, :n]  # broadcast over the batch dim
         self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
+        self.prev_embed.copy_(other.prev_embed.expand_as(self.prev_embed))
         self.cache_seqlens.fill_(n)
         self.pos = n
 
@@ -237,13 +241,13 @@ class RowState:
 
 class StepCache:
     """
-    A KVCache as a compiled decode step sees it: per-layer views and the lengths tensor, no Python position.
-    The views come in as inputs because writing through a view taken inside the compiled graph makes
-    inductor copy whole cache layers at every step (10x slower, measured in dev/LOG.md).
+    A KVCache as a compiled decode step sees it: per-layer views, the previous embeddings and the lengths
+    tensor, no Python position. The views come in as inputs because writing through a view taken inside the
+    compiled graph makes inductor copy whole cache layers at every step (10x slower, measured in dev/LOG.md).
     """
 
-    def __init__(self, k_layers, v_layers, cache_seqlens):
-        self.k_layers, self.v_layers, self.cache_seqlens = k_layers, v_layers, cache_seqlens
+    def __init__(self, k_layers, v_layers, prev_embed, cache_seqlens):
+        self.k_layers, self.v_layers, self.prev_embed, self.cache_seqlens = k_layers, v_layers, prev_embed, cache_seqlens
 
     def get_layer_cache(self, layer_idx):
         return self.k_layers[layer_idx], self.v_layers[layer_idx]
@@ -271,7 +275,7 @@ class Engine:
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.compiled_step = None
-        self.decode_caches = {}  # batch size -> (KVCache, its per-layer k views, v views), when compiled
+        self.decode_caches = {}  # batch size -> (KVCache, the compiled step's cache inputs), when compiled
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.compiled_step = torch.compile(self.decode_step, dynamic=False, fullgraph=True, mode=mode)
@@ -286,32 +290,33 @@ class Engine:
         """forward_last for one new token per row, through the compiled step when there is one."""
         if self.compiled_step is None:
             return self.forward_last(ids, kv_cache)
-        _, k_layers, v_layers = self.decode_caches[kv_cache.batch_size]
+        _, cache_inputs = self.decode_caches[kv_cache.batch_size]
         with torch.no_grad():
-            logits = self.compiled_step(ids, k_layers, v_layers, kv_cache.cache_seqlens)
+            logits = self.compiled_step(ids, *cache_inputs, kv_cache.cache_seqlens)
         kv_cache.advance(1)
         return logits.clone()  # CUDA graphs reuse their output buffer at the next step
 
-    def decode_step(self, ids, k_layers, v_layers, cache_seqlens):
+    def decode_step(self, ids, k_layers, v_layers, prev_embed, cache_seqlens):
         """The function torch.compile sees: its inputs are tensors of the same shapes at every step."""
-        return self.model.forward(ids, kv_cache=StepCache(k_layers, v_layers, cache_seqlens))[:, -1, :].float()
+        cache = StepCache(k_layers, v_layers, prev_embed, cache_seqlens)
+        return self.model.forward(ids, kv_cache=cache)[:, -1, :].float()
 
     def decode_cache(self, batch_size):
         """The reused full-context cache of a compiled Engine (fixed addresses, so CUDA graphs can replay)."""
         if batch_size not in self.decode_caches:
             cache = self.new_cache(batch_size, self.model.config.sequence_len)
             k_layers, v_layers = cache.k_cache.unbind(0), cache.v_cache.unbind(0)
-            if self.device.type == "cuda":
-                for view in (*k_layers, *v_layers):
+            if self.device.type == "cuda":  # (the step writes into all of these)
+                for view in (*k_layers, *v_layers, cache.prev_embed):
                     torch._dynamo.mark_static_address(view)
-            self.decode_caches[batch_size] = (cache, k_layers, v_layers)
+            self.decode_caches[batch_size] = (cache, (k_layers, v_layers, cache.prev_embed))
         return self.decode_caches[batch_size][0]
 
     def new_cache(self, batch_size, seq_len):
         config = self.model.config
         return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
                        head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                       device=self.device, dtype=self.dtype)
+                       device=self.device, dtype=self.dtype, embed_dim=config.n_embd)
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """

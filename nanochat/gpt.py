@@ -6,7 +6,12 @@ The GPT model: a Transformer with the tuned details of the nanochat design.
 - every block's input mixes in the normed token embedding x0 through learnable per-layer scalars
 - value embeddings (ResFormer): alternating layers add a gated per-token table lookup to v
 - sliding-window attention per layer (window_pattern), the last layer always sees the full context
+- smear: each token's embedding mixes in the previous token's through a learned gate (a cheap bigram)
+- backout: a learned share of the mid-depth residual is subtracted before the lm_head
 - logits soft-capped with tanh; vocab padded to a multiple of 64 and cropped back
+
+GPTConfig's defaults are the January 2026 architecture, so a checkpoint whose saved config predates a field
+loads as it was trained; config_for_depth() gives new models the 2026 values.
 
 Precision without autocast: the embeddings are stored in the run's compute dtype (common.get_compute_dtype:
 bf16 where the device multiplies bf16 fast, else fp32), so the activations start in it, and every Linear casts
@@ -29,9 +34,10 @@ from nanochat.flash_attention import flash_attn
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 
 LOGIT_SOFTCAP = 15.0  # logits live in (-15, 15): bounded logits keep early training stable
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads only the first 32 channels of the block input
-ROTARY_BASE = 10000
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x sequence_len, so generation can run past it
+SMEAR_CHANNELS = 24  # the smear gate reads only the first 24 channels of the token embedding
+SMEAR_BACKOUT_PARAMS = ("smear_gate.", "smear_lambda", "backout_lambda")
+INIT_RECIPES = ("2026", "january")  # init_weights(recipe): the January one stays for ablations
 
 
 @dataclass
@@ -42,23 +48,33 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
-    window_pattern: str = "SSSL"  # tiled over layers: L = full context, S = half context
+    window_pattern: str = "SSSL"  # tiled over layers: L = full context, S = short_window
+    rotary_base: float = 10000.0
+    qk_scale: float = 1.0  # q and k are multiplied by it after QK-norm: sharper attention than unit vectors give
+    short_window: int = 0  # keys an "S" layer sees; 0 = sequence_len // 2
+    ve_gate_channels: int = 32  # leading channels of the block input that the value-embedding gate reads
+    ve_gate_scale: float = 2.0  # the value-embedding gate is ve_gate_scale * sigmoid(...)
+    smear: bool = False
+    backout: bool = False
 
 
 def config_for_depth(depth, vocab_size, sequence_len, aspect_ratio=64, head_dim=128, window_pattern="SSSL"):
-    """The one dial: width = depth * aspect_ratio, rounded up to whole heads of head_dim."""
+    """The one dial: width = depth * aspect_ratio, rounded up to whole heads of head_dim; the 2026 architecture."""
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     num_heads = model_dim // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
-                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=window_pattern.upper())
+                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=window_pattern.upper(),
+                     rotary_base=100000.0, qk_scale=1.2,
+                     short_window=math.ceil(sequence_len / 512) * 128,  # sequence_len / 4, up to a multiple of 128
+                     ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True)
 
 
-def build_gpt(config, device):
+def build_gpt(config, device, init="2026"):
     """A freshly initialised GPT on device: built on meta first, so parameters get memory only once."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(init)
     return model
 
 
@@ -99,7 +115,7 @@ def compute_window_sizes(config):
     if not pattern or set(pattern) - {"S", "L"}:
         raise ValueError(f"window_pattern must be a string of 'S' and 'L' (e.g. 'SSSL' or 'L'), "
                          f"got {config.window_pattern!r}")
-    long_window, short_window = (config.sequence_len, 0), (config.sequence_len // 2, 0)
+    long_window, short_window = (config.sequence_len, 0), (config.short_window or config.sequence_len // 2, 0)
     sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(config.n_layer)]
     sizes[-1] = long_window
     return sizes
@@ -110,8 +126,13 @@ def check_config(config):
         raise ValueError(f"n_embd ({config.n_embd}) must split into n_head ({config.n_head}) heads of even size")
     if config.n_head % config.n_kv_head != 0:
         raise ValueError(f"n_kv_head ({config.n_kv_head}) must divide n_head ({config.n_head})")
-    if config.n_embd < VE_GATE_CHANNELS:
-        raise ValueError(f"n_embd must be at least {VE_GATE_CHANNELS} (the value-embedding gate reads that many channels)")
+    if config.n_embd < config.ve_gate_channels:
+        raise ValueError(f"n_embd must be at least ve_gate_channels ({config.ve_gate_channels}), the channels the "
+                         f"value-embedding gate reads")
+    if config.smear and config.n_embd < SMEAR_CHANNELS:
+        raise ValueError(f"n_embd must be at least {SMEAR_CHANNELS} (the smear gate reads that many channels)")
+    if config.short_window < 0:
+        raise ValueError(f"short_window must be >= 0 (0 = sequence_len // 2), got {config.short_window}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -121,12 +142,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        self.qk_scale, self.ve_gate_scale = config.qk_scale, config.ve_gate_scale
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         has_ve = has_value_embedding(layer_idx, config.n_layer)
-        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
+        self.ve_gate = Linear(config.ve_gate_channels, self.n_kv_head) if has_ve else None
 
     def forward(self, x, ve, cos_sin, window_size, kv_cache):
         B, T, _ = x.size()
@@ -134,12 +156,12 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            # per-head gate in (0, 2), 1.0 at init (zero weights): the value embedding starts fully mixed in
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            # per-head gate in (0, ve_gate_scale), about half of it at init: the value embedding starts mixed in
+            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = (t.to(q.dtype) for t in cos_sin)  # tables are bf16; match an fp32 compute dtype
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm
+        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale  # QK-norm
         if kv_cache is None:
             y = flash_attn.flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
@@ -196,8 +218,13 @@ class GPT(nn.Module):
             str(i): nn.Embedding(padded_vocab_size, kv_dim)
             for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
         })
+        if config.smear:
+            self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
         # Not persistent: derived from the config, so they stay out of checkpoints; init_weights() fills them.
-        cos, sin = self._precompute_rotary(self.rotary_length, head_dim)
+        cos, sin = self._precompute_rotary(self.rotary_length, head_dim, config.rotary_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -206,33 +233,49 @@ class GPT(nn.Module):
         return ROTARY_LENGTH_FACTOR * self.config.sequence_len
 
     @staticmethod
-    def _precompute_rotary(seq_len, head_dim, device=None):
-        inv_freq = 1.0 / ROTARY_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    def _precompute_rotary(seq_len, head_dim, base, device=None):
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         # (1, T, 1, head_dim/2): broadcasts over batch and heads of (B, T, H, D) tensors
         return angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
 
     @torch.no_grad()
-    def init_weights(self):
-        """Initialize every parameter and buffer in place (after construction on meta + to_empty)."""
-        n_embd = self.config.n_embd
+    def init_weights(self, recipe="2026"):
+        """
+        Initialize every parameter and buffer in place (after construction on meta + to_empty). recipe "2026"
+        (new models) or "january" (the earlier init, kept for ablations): the 2026 one starts with smaller token
+        embeddings and MLP inputs, and residual/x0 scalars that fall with depth instead of being constant.
+        """
+        if recipe not in INIT_RECIPES:
+            raise ValueError(f"init recipe must be one of {INIT_RECIPES}, got {recipe!r}")
+        new = recipe == "2026"
+        n_embd, n_layer = self.config.n_embd, self.config.n_layer
         bound = math.sqrt(3) / math.sqrt(n_embd)  # uniform(-b, b) has the std of N(0, 1/n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if new else 1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            fc_bound = 0.4 * bound if new else bound
+            nn.init.uniform_(block.mlp.c_fc.weight, -fc_bound, fc_bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02 if new else 0.0)  # (January: exactly zero)
         for table in self.value_embeds.values():
             nn.init.uniform_(table.weight, -bound, bound)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
         device = self.get_device()
-        self.cos, self.sin = self._precompute_rotary(self.rotary_length, n_embd // self.config.n_head, device)
+        depth = torch.arange(n_layer, device=device) / max(n_layer - 1, 1)  # 0 at the first layer, 1 at the last
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth if new else torch.ones_like(depth))
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth if new else torch.full_like(depth, 0.1))
+        if self.config.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()  # smear starts off; training opens it
+        if self.config.backout:
+            self.backout_lambda.fill_(0.2)
+        head_dim = n_embd // self.config.n_head
+        self.cos, self.sin = self._precompute_rotary(self.rotary_length, head_dim, self.config.rotary_base, device)
         # Settle the attention backend and build its masks now, eagerly: doing either inside a torch.compile
         # trace would leave graph breaks or extra work in the compiled model for good.
         flash_attention.prepare(device, self.config.sequence_len, self.window_sizes)
@@ -261,11 +304,18 @@ class GPT(nn.Module):
             # server batches unrelated conversations), and a compiled step sees the same shapes at every step.
             positions = kv_cache.cache_seqlens.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
             cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, head_dim/2)
-        x = x0 = norm(self.transformer.wte(idx))  # in the compute dtype, as the embeddings are stored
+        x = norm(self.transformer.wte(idx))  # in the compute dtype, as the embeddings are stored
+        if self.config.smear:
+            x = self.smear(x, kv_cache)
+        x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache)
+            if self.config.backout and i == self.config.n_layer // 2:
+                x_mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid  # take back what the lower half wrote, in part
         if kv_cache is not None:
             kv_cache.advance(T)
         # Softcap 15 * tanh(z / 15) with the division moved before the (linear) lm_head: the hidden state is
@@ -276,9 +326,29 @@ class GPT(nn.Module):
         logits = LOGIT_SOFTCAP * torch.tanh(logits.float())  # logits and loss in fp32
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                               reduction=loss_reduction)
+        reduction = "sum" if loss_reduction == "mean" else loss_reduction
+        loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1, reduction=reduction)
+        if loss_reduction == "mean":
+            # torch's mean over zero targets (a fully masked micro-batch) is 0/0 = NaN; ours is 0, with zero gradients
+            loss = loss / (targets != -1).sum().clamp(min=1)
         return loss if loss_reduction != "none" else loss.view(B, T)
+
+    def smear(self, x, kv_cache):
+        """
+        x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1] over normed token embeddings. With a KV
+        cache, the x[t-1] of each row's first new token is the one the cache kept from the previous call (so a
+        decode step or a later prefill chunk is smeared like one full forward); a row with no tokens has none.
+        """
+        B, _, C = x.shape
+        if kv_cache is None:
+            previous = x.new_zeros(B, 1, C)
+        else:
+            has_previous = (kv_cache.cache_seqlens > 0).view(B, 1, 1)
+            previous = torch.where(has_previous, kv_cache.prev_embed.unsqueeze(1).to(x.dtype), 0.0)
+            kv_cache.prev_embed.copy_(x[:, -1])
+        shifted = torch.cat([previous, x[:, :-1]], dim=1)
+        gate = torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + self.smear_lambda.to(x.dtype) * gate * shifted
 
     def num_scaling_params(self):
         """Parameter counts by kind (scaling-law fits use transformer_matrices + lm_head)."""
@@ -287,7 +357,9 @@ class GPT(nn.Module):
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "lm_head": self.lm_head.weight.numel(),
             "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            # (with smear and backout's lambdas and the smear gate's 24 weights)
+            "scalars": sum(p.numel() for name, p in self.named_parameters()
+                           if name.startswith(("resid_lambdas", "x0_lambdas", *SMEAR_BACKOUT_PARAMS))),
         }
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters())
@@ -295,8 +367,8 @@ class GPT(nn.Module):
 
     def estimate_flops(self):
         """FLOPs per token of one training step: 6 per matmul weight plus the attention score/value matmuls."""
-        counts = self.num_scaling_params()
-        matmul_params = counts["transformer_matrices"] + counts["lm_head"]  # embeddings are lookups, scalars tiny
+        # every Linear (fp8 ones too); embeddings are lookups, and the elementwise scalars are negligible
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         head_dim = self.config.n_embd // self.config.n_head
         T = self.config.sequence_len
         attention_flops = sum(12 * self.config.n_head * head_dim * (T if left < 0 else min(left, T))
@@ -319,6 +391,9 @@ class GPT(nn.Module):
             adamw([self.resid_lambdas], scalar_lr * 0.01),  # the residual scale is sensitive: move it slowly
             adamw([self.x0_lambdas], scalar_lr, betas=(0.96, 0.95)),  # higher beta1 for x0 helped at d20
         ]
+        smear_backout = [p for name, p in self.named_parameters() if name.startswith(SMEAR_BACKOUT_PARAMS)]
+        if smear_backout:  # rmodel: fixed LR 0.2, betas (0.8, 0.95), until rtrain's grouping lands
+            groups.append(adamw(smear_backout, 0.2, betas=(0.8, 0.95)))
         matrices = list(self.transformer.h.parameters())
         for shape in sorted({p.shape for p in matrices}):  # Muon stacks same-shape matrices into one update
             groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,

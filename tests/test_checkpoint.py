@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -15,11 +16,11 @@ from nanochat.common import UserError
 from nanochat.gpt import GPTConfig, build_gpt
 
 
-def make_model(vocab_size, seed=0, **overrides):
+def make_model(vocab_size, seed=0, config_cls=GPTConfig, build=build_gpt, **overrides):
     """A tiny GPT whose every weight is random, so outputs depend on all of them."""
-    config = GPTConfig(**{**dict(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                                 window_pattern="SL"), **overrides})
-    model = build_gpt(config, "cpu")
+    config = config_cls(**{**dict(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                                  window_pattern="SL"), **overrides})
+    model = build(config, "cpu")
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -44,8 +45,10 @@ def sample_ids(model):
     return torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def test_save_load_round_trip(setup):
+@pytest.mark.parametrize("recipe", [{}, dict(smear=True, backout=True, qk_scale=1.2, rotary_base=100000.0, short_window=8)])
+def test_save_load_round_trip(setup, recipe):
     model, checkpoint_dir = setup
+    model = make_model(model.config.vocab_size, **recipe)
     optimizer_data = {"state": {0: {"exp_avg": torch.randn(3, 4)}}, "param_groups": [{"lr": 0.1, "kind": "adamw"}]}
     cm.save_checkpoint(checkpoint_dir, 5, model.state_dict(), optimizer_data, meta_for(model, 5))
     assert sorted(os.listdir(checkpoint_dir)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
@@ -164,6 +167,52 @@ def test_older_checkpoint_gets_neutral_defaults(setup, caplog):
         old_model.resid_lambdas.fill_(1.0)
         old_model.x0_lambdas.fill_(0.0)
         assert torch.equal(rebuilt(sample_ids(model)), old_model(sample_ids(model)))
+
+
+# The last commit whose model code is the January architecture (no smear, backout, q/k scale...).
+JANUARY_COMMIT = "eec6e3e"
+
+
+def january_gpt_module(monkeypatch):
+    """nanochat/gpt.py as that commit wrote it, as a module of its own (git keeps it: no copy in the repo)."""
+    try:
+        source = subprocess.run(["git", "show", f"{JANUARY_COMMIT}:nanochat/gpt.py"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"needs the repository's git history with commit {JANUARY_COMMIT} ({e})")
+    module = types.ModuleType("january_gpt")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # (dataclasses look their module up)
+    exec(compile(source, "january_gpt.py", "exec"), module.__dict__)
+    return module
+
+
+def test_checkpoint_written_by_the_january_code_gives_identical_logits(setup, monkeypatch):
+    _, checkpoint_dir = setup
+    january = january_gpt_module(monkeypatch)
+    old_model = make_model(setup[0].config.vocab_size, config_cls=january.GPTConfig, build=january.build_gpt,
+                           n_layer=3, window_pattern="SSL")
+    cm.save_checkpoint(checkpoint_dir, 7, old_model.state_dict(), None, meta_for(old_model, 7))
+    rebuilt, _, _ = cm.build_model(checkpoint_dir, 7, "cpu", phase="eval")
+    assert not rebuilt.config.smear and not rebuilt.config.backout and rebuilt.config.qk_scale == 1.0
+    ids = torch.randint(0, old_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids), old_model(ids))  # bit for bit, short windows included
+
+
+def test_missing_smear_and_backout_parameters_load_as_identity(setup, caplog):
+    model, checkpoint_dir = setup
+    new_model = make_model(model.config.vocab_size, smear=True, backout=True, qk_scale=1.2, ve_gate_channels=12)
+    state = new_model.state_dict()
+    del state["smear_gate.weight"], state["smear_lambda"], state["backout_lambda"]
+    cm.save_checkpoint(checkpoint_dir, 4, state, None, meta_for(new_model, 4))
+    with caplog.at_level(logging.WARNING, logger="nanochat"):
+        rebuilt, _, _ = cm.build_model(checkpoint_dir, 4, "cpu", phase="eval")
+    assert "smear_lambda" in caplog.text and "backout_lambda" in caplog.text
+    assert rebuilt.config == new_model.config
+    with torch.no_grad():
+        new_model.smear_lambda.zero_()  # no smear and no backout: what a model without them computes
+        new_model.backout_lambda.zero_()
+        assert torch.equal(rebuilt(sample_ids(model)), new_model(sample_ids(model)))
 
 
 def test_vocab_size_mismatch_is_a_clear_error(setup):

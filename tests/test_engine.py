@@ -39,17 +39,21 @@ class MockModel:
 
 
 def make_gpt(vocab_size, sequence_len=64, device="cpu"):
-    """A tiny random GPT whose blocks matter: init_weights zeroes the output projections, so redraw all
-    matrices (otherwise attention, and with it the KV cache, would not influence the logits)."""
+    """A tiny random GPT of the 2026 architecture whose every part matters: init_weights zeroes the output
+    projections and smear_lambda, so redraw all matrices (otherwise attention, and with it the KV cache, would
+    not influence the logits) and turn smear and backout well on."""
     from nanochat.gpt import GPTConfig, build_gpt
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                       n_embd=64, window_pattern="SL")
+                       n_embd=64, window_pattern="SL", rotary_base=100000.0, qk_scale=1.2, short_window=32,
+                       ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True)
     model = build_gpt(config, device)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, p.size(1) ** -0.5)
+        model.smear_lambda.fill_(0.8)
+        model.backout_lambda.fill_(0.5)
     return model.eval()
 
 
@@ -77,7 +81,7 @@ def special(tokenizer, name):
 
 def test_kv_cache_api():
     cache = KVCache(batch_size=3, num_heads=2, seq_len=10, head_dim=4, num_layers=5, device="cpu",
-                    dtype=torch.float32)
+                    dtype=torch.float32, embed_dim=4)
     assert cache.k_cache.shape == cache.v_cache.shape == (5, 3, 10, 2, 4)
     assert cache.cache_seqlens.dtype == torch.int32 and cache.cache_seqlens.shape == (3,)
     k, v = cache.get_layer_cache(4)
@@ -94,31 +98,37 @@ def test_kv_cache_api():
 
 
 def test_kv_cache_prefill_copies_prompt_into_every_row():
-    small = KVCache(1, num_heads=2, seq_len=6, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32)
+    small = KVCache(1, num_heads=2, seq_len=6, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32, embed_dim=8)
     small.k_cache.normal_()
     small.v_cache.normal_()
+    small.prev_embed.normal_()
     small.advance(5)
-    big = KVCache(4, num_heads=2, seq_len=20, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32)
+    big = KVCache(4, num_heads=2, seq_len=20, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32, embed_dim=8)
     big.prefill(small)
     assert big.get_pos() == 5 and big.cache_seqlens.tolist() == [5] * 4
     for row in range(4):
         assert torch.equal(big.k_cache[:, row, :5], small.k_cache[:, 0, :5])
         assert torch.equal(big.v_cache[:, row, :5], small.v_cache[:, 0, :5])
+        assert torch.equal(big.prev_embed[row], small.prev_embed[0])  # the prompt's last embedding, for smear
     assert big.k_cache[:, :, 5:].eq(0).all()  # only the cached prefix is copied
     big.k_cache[:, 0, 0] = 123.0  # rows are independent copies, not views of the prompt cache
     assert not small.k_cache.eq(123.0).any() and not big.k_cache[:, 1].eq(123.0).any()
 
 
 def test_kv_cache_rows_share_memory_and_rows_move_whole():
-    cache = KVCache(batch_size=4, num_heads=2, seq_len=10, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32)
+    cache = KVCache(batch_size=4, num_heads=2, seq_len=10, head_dim=4, num_layers=3, device="cpu", dtype=torch.float32,
+                    embed_dim=8)
     view = cache.rows(1, 3, pos=0)
     assert view.batch_size == 2 and view.seq_len == 10
     view.get_layer_cache(2)[0][:, :3] = 7.0  # the model writes through the view...
+    view.prev_embed.copy_(torch.tensor([[1.0] * 8, [2.0] * 8]))
     view.advance(3)
     assert cache.k_cache[2, 1:3, :3].eq(7.0).all() and cache.k_cache[:, [0, 3]].eq(0).all()  # ...into rows 1-2 only
+    assert cache.prev_embed[:, 0].tolist() == [0, 1, 2, 0]
     assert cache.cache_seqlens.tolist() == [0, 3, 3, 0] and view.get_pos() == 3
     cache.copy_row(2, 0)
     assert torch.equal(cache.k_cache[:, 0], cache.k_cache[:, 2]) and cache.cache_seqlens.tolist() == [3, 3, 3, 0]
+    assert cache.prev_embed[:, 0].tolist() == [2, 1, 2, 0]
     assert set(KVCache.ROW_DIMS) == {name for name, value in vars(cache).items() if torch.is_tensor(value)}
 
 
@@ -130,7 +140,8 @@ def test_rows_of_different_lengths_decode_as_if_alone(gpt):
     seqs = [torch.randint(0, config.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(n))
             for n in lengths]
     cache = KVCache(len(lengths), num_heads=config.n_kv_head, seq_len=config.sequence_len,
-                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device="cpu", dtype=torch.float32)
+                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device="cpu", dtype=torch.float32,
+                    embed_dim=config.n_embd)
     with torch.no_grad():
         for row, (n, seq) in enumerate(zip(lengths, seqs)):
             gpt(seq[None, :n], kv_cache=cache.rows(row, row + 1, pos=0))
@@ -140,6 +151,12 @@ def test_rows_of_different_lengths_decode_as_if_alone(gpt):
             for row, (n, seq) in enumerate(zip(lengths, seqs)):
                 torch.testing.assert_close(logits[row], gpt(seq[None, :n + t + 1])[0, -1], atol=1e-4, rtol=1e-4)
     assert cache.cache_seqlens.tolist() == [n + steps for n in lengths]
+    # A row emptied for a new conversation (as a server frees a slot) keeps nothing of the old one: not its
+    # keys, and not the last embedding that smear would mix into the new first token.
+    cache.cache_seqlens[1] = 0
+    fresh = torch.randint(0, config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        torch.testing.assert_close(gpt(fresh, kv_cache=cache.rows(1, 2, pos=0)), gpt(fresh), atol=1e-4, rtol=1e-4)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -201,6 +218,13 @@ def test_engine_greedy_matches_naive_generate(gpt, tiny_tokenizer):
     for row, mask in zip(results, masks):
         assert row == prompt + expected
         assert mask == [0] * len(prompt) + [1] * len(expected)
+
+
+def test_single_token_prompt(gpt, tiny_tokenizer):
+    prompt = [tiny_tokenizer.get_bos_token_id()]
+    expected = list(gpt.generate(prompt, max_tokens=10, temperature=0.0))
+    columns = list(Engine(gpt, tiny_tokenizer).generate(prompt, num_samples=2, max_tokens=10, temperature=0.0))
+    assert [column for column, _ in columns] == [[t, t] for t in expected[:len(columns)]]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -1,7 +1,7 @@
 """
-The model against SPEC §2: a naive re-implementation from the state dict (written here), init
-statistics, state-dict keys, FLOP/parameter accounting, windows, KV-cache decoding, training behaviour
-and the optimizer's param groups.
+The model against a naive re-implementation from the state dict (written here), in its January and 2026
+architectures; init statistics, state-dict keys, FLOP/parameter accounting, windows, KV-cache decoding (smear
+across prefill chunks), training behaviour and the optimizer's param groups.
 """
 import math
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt
+from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt, config_for_depth
 from nanochat.optim import MuonAdamW
 
 from conftest import REPO_ROOT, CountHostReads
@@ -31,6 +31,11 @@ def tiny_config(**overrides):
     fields = dict(sequence_len=32, vocab_size=100, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL")
     fields.update(overrides)
     return GPTConfig(**fields)
+
+
+# Every architecture field at its 2026 value (config_for_depth's), short_window 8 of the 32-token context.
+RECIPE_2026 = dict(rotary_base=100000.0, qk_scale=1.2, short_window=8, ve_gate_channels=12, ve_gate_scale=3.0,
+                   smear=True, backout=True)
 
 
 def build_model(config, seed=0):
@@ -56,11 +61,11 @@ def rms(x):
 
 
 def reference_forward(config, sd, idx):
-    """SPEC §2 written out naively (explicit masks, full softmax), reading weights from the state dict."""
+    """The model written out naively (explicit masks, full softmax), reading weights from the state dict."""
     B, T = idx.shape
     H, H_kv, C = config.n_head, config.n_kv_head, config.n_embd
     hd = C // H
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    inv_freq = 1.0 / config.rotary_base ** (torch.arange(0, hd, 2).float() / hd)
     angles = torch.arange(T).float()[:, None] * inv_freq[None, :]
     cos, sin = (t.bfloat16().float()[None, :, None, :] for t in (angles.cos(), angles.sin()))  # tables kept in bf16
 
@@ -68,7 +73,13 @@ def reference_forward(config, sd, idx):
         x1, x2 = t[..., :hd // 2], t[..., hd // 2:]
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
-    x = x0 = rms(sd["transformer.wte.weight"][idx])
+    x = rms(sd["transformer.wte.weight"][idx])
+    if config.smear:  # each token adds a gated share of the previous token's embedding; the first has none
+        gate = torch.sigmoid(x[..., :24] @ sd["smear_gate.weight"].T)
+        previous = torch.zeros_like(x)
+        previous[:, 1:] = x[:, :-1]
+        x = x + sd["smear_lambda"] * gate * previous
+    x0 = x
     for i in range(config.n_layer):
         p = f"transformer.h.{i}."
         x = sd["resid_lambdas"][i] * x + sd["x0_lambdas"][i] * x0
@@ -77,12 +88,12 @@ def reference_forward(config, sd, idx):
         k = (h @ sd[p + "attn.c_k.weight"].T).view(B, T, H_kv, hd)
         v = (h @ sd[p + "attn.c_v.weight"].T).view(B, T, H_kv, hd)
         if f"value_embeds.{i}.weight" in sd:
-            gate = 2 * torch.sigmoid(h[..., :32] @ sd[p + "attn.ve_gate.weight"].T)
+            gate = config.ve_gate_scale * torch.sigmoid(h[..., :config.ve_gate_channels] @ sd[p + "attn.ve_gate.weight"].T)
             v = v + gate[..., None] * sd[f"value_embeds.{i}.weight"][idx].view(B, T, H_kv, hd)
-        q, k = rms(rotate(q)), rms(rotate(k))
+        q, k = rms(rotate(q)) * config.qk_scale, rms(rotate(k)) * config.qk_scale
         k, v = k.repeat_interleave(H // H_kv, dim=2), v.repeat_interleave(H // H_kv, dim=2)
         long_layer = config.window_pattern[i % len(config.window_pattern)] == "L" or i == config.n_layer - 1
-        window = config.sequence_len if long_layer else config.sequence_len // 2
+        window = config.sequence_len if long_layer else (config.short_window or config.sequence_len // 2)
         query_pos, key_pos = torch.arange(T)[:, None], torch.arange(T)[None, :]
         visible = (key_pos <= query_pos) & (key_pos >= query_pos - window)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
@@ -91,6 +102,10 @@ def reference_forward(config, sd, idx):
         x = x + y @ sd[p + "attn.c_proj.weight"].T
         h = rms(x)
         x = x + F.relu(h @ sd[p + "mlp.c_fc.weight"].T).square() @ sd[p + "mlp.c_proj.weight"].T
+        if i == config.n_layer // 2:
+            x_mid = x
+    if config.backout:
+        x = x - sd["backout_lambda"] * x_mid
     logits = (rms(x) @ sd["lm_head.weight"].T)[..., :config.vocab_size]
     return 15 * torch.tanh(logits / 15)
 
@@ -99,7 +114,8 @@ def random_tokens(config, B, T, seed=0):
     return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(window_pattern="L", n_kv_head=4), dict(n_layer=3, window_pattern="SL")])
+@pytest.mark.parametrize("overrides", [{}, dict(window_pattern="L", n_kv_head=4), dict(n_layer=3, window_pattern="SL"),
+                                       RECIPE_2026, dict(RECIPE_2026, n_layer=3, window_pattern="SL")])
 def test_forward_matches_reference(overrides):
     config = tiny_config(**overrides)
     model = randomize_(build_model(config))
@@ -134,28 +150,60 @@ def test_logits_bounded_by_softcap():
     assert (logits.abs() > 14.9).float().mean() > 0.5  # squashed towards the cap, not clipped below it
 
 
-def test_init_statistics():
-    config = tiny_config(n_embd=256, n_head=4, n_kv_head=4, vocab_size=4000, n_layer=2)
-    model = build_model(config)
+@pytest.mark.parametrize("recipe", ["january", "2026"])
+def test_init_statistics(recipe):
+    new = recipe == "2026"
+    config = tiny_config(n_embd=256, n_head=4, n_kv_head=4, vocab_size=4000, n_layer=3, **(RECIPE_2026 if new else {}))
+    torch.manual_seed(0)
+    model = build_gpt(config, "cpu", init=recipe)
     bound = math.sqrt(3) / math.sqrt(config.n_embd)
-    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.02
+    assert abs(model.transformer.wte.weight.std().item() - (0.8 if new else 1.0)) < 0.02
     assert abs(model.transformer.wte.weight.mean().item()) < 0.02
     assert abs(model.lm_head.weight.std().item() - 0.001) < 0.00002
-    uniform_tables = [t.weight for t in model.value_embeds.values()]
+    uniform_tables = [(t.weight, bound) for t in model.value_embeds.values()]
     for block in model.transformer.h:
-        uniform_tables += [block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.c_fc.weight]
+        uniform_tables += [(block.attn.c_q.weight, bound), (block.attn.c_k.weight, bound), (block.attn.c_v.weight, bound),
+                           (block.mlp.c_fc.weight, 0.4 * bound if new else bound)]
         assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
-        assert block.attn.ve_gate is None or torch.all(block.attn.ve_gate.weight == 0)
-    for w in uniform_tables:
-        assert w.abs().max() <= bound
-        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.03 * bound  # std of U(-b, b) is b/sqrt(3)
-    assert torch.all(model.resid_lambdas == 1.0) and torch.all(model.x0_lambdas == 0.1)
+        gate = block.attn.ve_gate
+        if gate is not None and new:  # U(0, 0.02): the gate starts just above half open
+            assert gate.weight.min() >= 0 and gate.weight.max() <= 0.02 and gate.weight.std() > 0.004
+        elif gate is not None:
+            assert torch.all(gate.weight == 0)
+    for w, b in uniform_tables:
+        assert w.abs().max() <= b
+        assert abs(w.std().item() - b / math.sqrt(3)) < 0.03 * b  # std of U(-b, b) is b/sqrt(3)
+    # per-layer scalars: 2026 falls linearly with depth, January is constant
+    expected_resid = [1.15, 1.10, 1.05] if new else [1.0] * 3
+    expected_x0 = [0.20, 0.125, 0.05] if new else [0.1] * 3
+    torch.testing.assert_close(model.resid_lambdas, torch.tensor(expected_resid))
+    torch.testing.assert_close(model.x0_lambdas, torch.tensor(expected_x0))
+    if new:
+        assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
+        assert model.smear_gate.weight.min() >= 0 and model.smear_gate.weight.max() <= 0.02
     # rotary tables: bf16, 10x sequence_len, angle = position * base^(-2i/head_dim)
     head_dim = config.n_embd // config.n_head
     assert model.cos.dtype == torch.bfloat16 and model.cos.shape == (1, 10 * config.sequence_len, 1, head_dim // 2)
-    angle = 100 * 10000 ** (-2 * 3 / head_dim)
+    angle = 100 * config.rotary_base ** (-2 * 3 / head_dim)
     assert model.cos[0, 100, 0, 3].item() == torch.tensor(math.cos(angle)).bfloat16().item()
     assert model.sin[0, 100, 0, 3].item() == torch.tensor(math.sin(angle)).bfloat16().item()
+
+
+def test_one_layer_model_takes_the_first_layer_scalars():
+    model = build_model(tiny_config(n_layer=1, **RECIPE_2026))  # i / (L - 1) would divide by zero
+    assert model.resid_lambdas.tolist() == pytest.approx([1.15]) and model.x0_lambdas.tolist() == pytest.approx([0.20])
+    assert torch.isfinite(model(random_tokens(model.config, 1, 8))).all()
+
+
+def test_config_for_depth_is_the_2026_architecture():
+    config = config_for_depth(20, vocab_size=32768, sequence_len=2048)
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (20, 1280, 10, 10)
+    assert (config.rotary_base, config.qk_scale, config.ve_gate_channels, config.ve_gate_scale) == (100000, 1.2, 12, 3.0)
+    assert config.smear and config.backout and config.short_window == 512
+    assert GPT(config).window_sizes[:4] == [(512, 0), (512, 0), (512, 0), (2048, 0)]
+    for seq in (64, 256, 512, 1000, 1024, 2049, 4096):  # a quarter of the context, up to a multiple of 128
+        assert config_for_depth(4, 100, seq).short_window == math.ceil(math.ceil(seq / 4) / 128) * 128
+    assert GPTConfig().short_window == 0 and not GPTConfig().smear  # a config without the fields: January
 
 
 def test_init_is_reproducible_and_meta_construction_is_free():
@@ -166,10 +214,13 @@ def test_init_is_reproducible_and_meta_construction_is_free():
     assert all(p.is_meta for p in meta_model.parameters())
 
 
-def test_state_dict_keys():
-    config = tiny_config(n_layer=4)
+@pytest.mark.parametrize("recipe", [{}, RECIPE_2026])
+def test_state_dict_keys(recipe):
+    config = tiny_config(n_layer=4, **recipe)
     keys = set(build_model(config).state_dict())
     expected = {"transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas"}
+    if recipe:
+        expected |= {"smear_gate.weight", "smear_lambda", "backout_lambda"}
     for i in range(4):
         expected |= {f"transformer.h.{i}.attn.{name}.weight" for name in ("c_q", "c_k", "c_v", "c_proj")}
         expected |= {f"transformer.h.{i}.mlp.{name}.weight" for name in ("c_fc", "c_proj")}
@@ -190,6 +241,13 @@ def test_flops_and_param_counts():
     # windows for SSSL over 4 layers: S S S L(last) -> 16, 16, 16, 32 keys at T = 32
     attention = sum(12 * 4 * 16 * w for w in (16, 16, 16, 32))
     assert model.estimate_flops() == 6 * (4 * per_layer + ve_gates + V * C) + attention
+    # 2026: gates over 12 channels, the smear gate (24 weights) and two lambdas; S layers see 8 keys
+    new = build_model(tiny_config(**RECIPE_2026))
+    ve_gates = 2 * 12 * 2
+    counts = new.num_scaling_params()
+    assert (counts["transformer_matrices"], counts["scalars"]) == (4 * per_layer + ve_gates, 8 + 24 + 2)
+    attention = sum(12 * 4 * 16 * w for w in (8, 8, 8, 32))
+    assert new.estimate_flops() == 6 * (4 * per_layer + ve_gates + 24 + V * C) + attention
 
 
 @pytest.mark.parametrize("pattern, n_layer, expected", [
@@ -219,6 +277,7 @@ class MinimalKVCache:
         shape = (config.n_layer, batch_size, max_len, config.n_kv_head, head_dim)
         self.k_cache, self.v_cache = torch.zeros(shape), torch.zeros(shape)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32)
+        self.prev_embed = torch.zeros(batch_size, config.n_embd)  # the last cached token's embedding (smear)
 
     def get_pos(self):
         return int(self.cache_seqlens[0])
@@ -230,14 +289,16 @@ class MinimalKVCache:
         self.cache_seqlens += num_tokens
 
 
-def test_kv_cache_prefill_and_decode_match_full_forward():
-    config = tiny_config()
+@pytest.mark.parametrize("recipe", [{}, RECIPE_2026])
+def test_kv_cache_chunked_prefill_and_decode_match_full_forward(recipe):
+    """Every chunk's first token and every decoded token gets the previous token's smear from the cache."""
+    config = tiny_config(**recipe)
     model = randomize_(build_model(config))
     T = 40  # beyond sequence_len: sliding windows cut in during decoding too
     idx = random_tokens(config, 2, T, seed=3)
     full = model(idx)
     cache = MinimalKVCache(config, batch_size=2, max_len=T)
-    pieces = [model(idx[:, :12], kv_cache=cache)]
+    pieces = [model(idx[:, :1], kv_cache=cache), model(idx[:, 1:5], kv_cache=cache), model(idx[:, 5:12], kv_cache=cache)]
     assert cache.get_pos() == 12
     for t in range(12, T):
         pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
@@ -246,7 +307,8 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
 
 
 def test_generate_is_greedy_at_temperature_zero_and_seeded_otherwise():
-    model = randomize_(build_model(tiny_config()))
+    model = randomize_(build_model(tiny_config(**RECIPE_2026)))
+    assert list(model.generate([5], max_tokens=3, temperature=0.0))  # a single-token prompt works
     prompt = [5, 17, 42]
     ids = list(prompt)
     for _ in range(6):  # the reference: argmax of a full forward, one token at a time
@@ -258,8 +320,22 @@ def test_generate_is_greedy_at_temperature_zero_and_seeded_otherwise():
     assert all(0 <= t < 100 for t in sampled)
 
 
+def test_fully_masked_batch_has_zero_loss_and_zero_gradients():
+    """A micro-batch whose targets are all ignored (an SFT batch of padding) adds nothing, not NaN."""
+    model = randomize_(build_model(tiny_config(**RECIPE_2026)))
+    idx = random_tokens(model.config, 2, 16)
+    targets = torch.full_like(idx, -1)
+    for reduction in ("mean", "sum"):
+        loss = model(idx, targets, loss_reduction=reduction)
+        assert loss.item() == 0
+        loss.backward()
+        assert all(torch.all(p.grad == 0) for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+    assert torch.all(model(idx, targets, loss_reduction="none") == 0)
+
+
 def train_losses(steps, seed=0):
-    config = tiny_config()
+    config = tiny_config(**RECIPE_2026)
     model = build_model(config, seed=seed)
     optimizer = model.setup_optimizer()
     idx = random_tokens(config, 4, 32, seed=seed)
@@ -310,6 +386,13 @@ def test_setup_optimizer_groups():
     assert all(g["initial_lr"] == g["lr"] for g in groups)
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    # smear and backout: one AdamW group at a fixed LR, whatever the width
+    model = build_model(tiny_config(n_embd=128, **RECIPE_2026))
+    smear_backout = [g for g in model.setup_optimizer(scalar_lr=0.4).param_groups
+                     if any(p is model.backout_lambda for p in g["params"])]
+    assert [(g["lr"], g["betas"], g["weight_decay"]) for g in smear_backout] == [(0.2, (0.8, 0.95), 0.0)]
+    assert {id(p) for p in smear_backout[0]["params"]} == {id(model.smear_gate.weight), id(model.smear_lambda),
+                                                          id(model.backout_lambda)}
 
 
 DIST_SCRIPT = """
@@ -319,7 +402,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import DistMuonAdamW
 ddp, rank, _, world_size, device = compute_init("cpu")
 torch.manual_seed(0)
-model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, smear=True, backout=True))
 model.init_weights()
 optimizer = model.setup_optimizer()
 assert isinstance(optimizer, DistMuonAdamW), type(optimizer)
@@ -365,7 +448,7 @@ def test_linear_casts_its_fp32_weight_to_the_input_dtype():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_model_matches_the_fp32_reference(monkeypatch, dtype):
     monkeypatch.setenv("NANOCHAT_DTYPE", str(dtype).removeprefix("torch."))
-    config = tiny_config()
+    config = tiny_config(**RECIPE_2026)
     model = randomize_(build_model(config))
     assert model.transformer.wte.weight.dtype == dtype and all(t.weight.dtype == dtype for t in model.value_embeds.values())
     assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if "wte" not in name and "value_embeds" not in name)
@@ -381,10 +464,10 @@ def test_low_precision_model_matches_the_fp32_reference(monkeypatch, dtype):
 def test_kv_cache_decoding_never_reads_tensors_back_to_the_host():
     """Positions come from the cache's Python counter: no GPU sync in any layer of any decode step."""
     from nanochat.engine import KVCache
-    config = tiny_config()
+    config = tiny_config(**RECIPE_2026)
     model = randomize_(build_model(config))
     cache = KVCache(batch_size=2, num_heads=config.n_kv_head, seq_len=20, head_dim=config.n_embd // config.n_head,
-                    num_layers=config.n_layer, device="cpu", dtype=torch.float32)
+                    num_layers=config.n_layer, device="cpu", dtype=torch.float32, embed_dim=config.n_embd)
     idx = random_tokens(config, 2, 20, seed=5)
     with torch.no_grad(), CountHostReads() as reads:
         pieces = [model(idx[:, :12], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]
@@ -399,13 +482,14 @@ def test_training_and_decoding_keep_every_tensor_on_the_model_device():
     "cuda" trace is not possible without CUDA: the CPU build aborts the process on .to() of a fake CUDA tensor.)
     """
     from nanochat.engine import KVCache
-    config = tiny_config()
+    config = tiny_config(**RECIPE_2026)
     model = build_gpt(config, "meta")
     optimizer = model.setup_optimizer()
     idx = torch.randint(0, config.vocab_size, (2, 16), device="meta")
     model(idx, idx).backward()
     optimizer.step()
-    cache = KVCache(2, config.n_kv_head, 16, config.n_embd // config.n_head, config.n_layer, "meta", torch.float32)
+    cache = KVCache(2, config.n_kv_head, 16, config.n_embd // config.n_head, config.n_layer, "meta", torch.float32,
+                    config.n_embd)
     with torch.no_grad():
         model(idx[:, :8], kv_cache=cache)
         logits = model(idx[:, 8:9], kv_cache=cache)
@@ -421,7 +505,7 @@ def test_compiled_training_step_compiles_once_and_never_again():
     """
     from torch._dynamo.utils import counters
     from nanochat.optim import MuonAdamW, apply_schedules
-    config = tiny_config(n_layer=2, window_pattern="L")
+    config = tiny_config(n_layer=2, window_pattern="L", **RECIPE_2026)
     model = build_model(config)
     optimizer = MuonAdamW(model.setup_optimizer().param_groups, compile=True)
     train_model = torch.compile(model, dynamic=False)
