@@ -30,18 +30,17 @@ import torch
 import nanochat
 from nanochat.checkpoint_manager import STAGE_DIRS, load_model
 from nanochat.common import UserError, compute_init
-from nanochat.gpt import LOGIT_SOFTCAP
+from nanochat.gpt import LOGIT_SOFTCAP, SMEAR_CHANNELS
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 
 HF_CODE_DIR = os.path.join(os.path.dirname(nanochat.__file__), "hf")  # the package data copied into the export
 CODE_FILES = ["configuration_nanochat.py", "modeling_nanochat.py"]
 
-# Every model config field the export maps, with the value a saved config without it means (the January design).
-# A field outside this table stops the export: the modeling code would not know its math.
-JANUARY_DEFAULTS = {"rotary_base": 10000.0, "qk_scale": 1.0, "short_window": 0, "ve_gate_channels": 32,
-                    "ve_gate_scale": 2.0, "smear": False, "backout": False}
-KNOWN_CONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                       "window_pattern"} | set(JANUARY_DEFAULTS)
+# Every model config field the export maps (a saved config without one of the 2026 fields means its January
+# value, which GPTConfig's defaults give). A field outside this set stops the export: its math is unknown here.
+KNOWN_CONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
+                       "rotary_base", "qk_scale", "short_window", "ve_gate_channels", "ve_gate_scale", "smear",
+                       "backout"}
 
 
 def check_architecture(model, saved_config):
@@ -67,22 +66,16 @@ def expected_parameters(model):
         keys += [f"transformer.h.{i}.mlp.{name}.weight" for name in ("c_fc", "c_proj")]
     for i in model.value_embeds:
         keys += [f"value_embeds.{i}.weight", f"transformer.h.{i}.attn.ve_gate.weight"]
-    if arch_value(model, "smear"):
+    if model.config.smear:
         keys += ["smear_gate.weight", "smear_lambda"]
-    if arch_value(model, "backout"):
+    if model.config.backout:
         keys += ["backout_lambda"]
     return keys
-
-
-def arch_value(model, name):
-    return getattr(model.config, name, JANUARY_DEFAULTS.get(name))
 
 
 def hf_config(model, tokenizer):
     """config.json: every architecture field, the per-layer facts read off the model, and the auto_map."""
     config = model.config
-    state = model.state_dict()
-    ve_layers = sorted(int(i) for i in model.value_embeds)
     return {
         "architectures": ["NanochatForCausalLM"],
         "model_type": "nanochat",
@@ -90,27 +83,25 @@ def hf_config(model, tokenizer):
                      "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         "dtype": "float32",
         "vocab_size": config.vocab_size,
-        "padded_vocab_size": state["transformer.wte.weight"].size(0),
+        "padded_vocab_size": model.transformer.wte.num_embeddings,
         "sequence_len": config.sequence_len,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_kv_head": config.n_kv_head,
         "n_embd": config.n_embd,
         "window_pattern": config.window_pattern,
-        "short_window": arch_value(model, "short_window"),
+        "short_window": config.short_window,
         "window_sizes": [left if left >= 0 else model.rotary_length for left, _ in model.window_sizes],
-        "value_embed_layers": ve_layers,
-        # the gate's width is read off its weights, so it is right whatever constant produced it
-        "ve_gate_channels": state[f"transformer.h.{ve_layers[0]}.attn.ve_gate.weight"].size(1) if ve_layers
-        else arch_value(model, "ve_gate_channels"),
-        "ve_gate_scale": arch_value(model, "ve_gate_scale"),
-        "rotary_base": float(arch_value(model, "rotary_base")),
+        "value_embed_layers": sorted(int(i) for i in model.value_embeds),
+        "ve_gate_channels": config.ve_gate_channels,
+        "ve_gate_scale": config.ve_gate_scale,
+        "rotary_base": config.rotary_base,
         "rotary_length": model.rotary_length,
-        "qk_scale": arch_value(model, "qk_scale"),
+        "qk_scale": config.qk_scale,
         "logit_softcap": LOGIT_SOFTCAP,
-        "smear": arch_value(model, "smear"),
-        "smear_gate_channels": state["smear_gate.weight"].size(1) if "smear_gate.weight" in state else 24,
-        "backout": arch_value(model, "backout"),
+        "smear": config.smear,
+        "smear_gate_channels": SMEAR_CHANNELS,
+        "backout": config.backout,
         "backout_layer": config.n_layer // 2,
         "bos_token_id": tokenizer.get_bos_token_id(),
         "eos_token_id": tokenizer.encode_special("<|assistant_end|>"),

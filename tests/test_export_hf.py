@@ -23,22 +23,24 @@ transformers = pytest.importorskip("transformers", reason="the export needs the 
 SEQUENCE_LEN = 64  # prompts of 40 tokens plus 32 new ones run past every window
 
 
-# The 2026 architecture fields, each off its January value (the short window below half the context).
 RECIPE_2026 = dict(rotary_base=100000.0, qk_scale=1.2, short_window=16, ve_gate_channels=12, ve_gate_scale=3.0,
                    smear=True, backout=True)
 
 
-def random_model(vocab_size, seed=0):
-    """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short and a long window, every 2026 feature
-    on, and every parameter moved off its init (zero-init projections, gates and lambdas would hide mistakes)."""
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
+def random_model(vocab_size, january=False):
+    """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short (16) and a long (64) window, every 2026
+    architecture field off its January value (smear and backout on; january=True: the config of a checkpoint that
+    predates them), and every parameter moved off its init (zero projections, gates, lambdas would hide mistakes)."""
     config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SL", **{k: v for k, v in RECIPE_2026.items() if k in known})
-    torch.manual_seed(seed)
+                       window_pattern="SL", **({} if january else RECIPE_2026))
+    torch.manual_seed(0)
     model = build_gpt(config, "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+        if not january:
+            model.smear_lambda.fill_(0.5)  # mix in half of the gated previous token
+            model.backout_lambda.fill_(0.3)
     return model.eval()
 
 
@@ -66,8 +68,8 @@ def test_export_folder_stands_alone(exported):
     assert generation["eos_token_id"] == [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
-    assert config["window_sizes"] == [left for left, _ in model.window_sizes]
-    assert min(config["window_sizes"]) < SEQUENCE_LEN and config["value_embed_layers"] == [1, 3]
+    assert config["window_sizes"] == [16, 64, 16, 64] and config["value_embed_layers"] == [1, 3]
+    assert config["smear"] and config["backout"] and config["qk_scale"] == 1.2 and config["ve_gate_channels"] == 12
 
 
 def test_weights_round_trip_exactly(exported):
@@ -234,13 +236,19 @@ def run_export(*args):
                           text=True, timeout=300)
 
 
-def test_cli_exports_a_checkpoint(tiny_tokenizer, base_dir, tmp_path):
-    model = random_model(tiny_tokenizer.get_vocab_size())
-    save_base_checkpoint(base_dir, model, tiny_tokenizer, dataclasses.asdict(model.config))
+def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
+    """A checkpoint whose saved config predates the 2026 fields exports with their January values."""
+    model = random_model(tiny_tokenizer.get_vocab_size(), january=True)
+    saved_config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RECIPE_2026}
+    save_base_checkpoint(base_dir, model, tiny_tokenizer, saved_config)
     result = run_export("-i", "base", "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["rotary_base"], config["qk_scale"], config["ve_gate_scale"], config["window_sizes"]) == \
+        (10000.0, 1.0, 2.0, [32, 64, 32, 64])
+    assert not config["smear"] and not config["backout"]
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True)
-    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, model.config.vocab_size, (1, 50), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert (model(ids) - hf_model(ids).logits).abs().max().item() < 1e-4
 
