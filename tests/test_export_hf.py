@@ -22,7 +22,6 @@ transformers = pytest.importorskip("transformers", reason="the export needs the 
 
 SEQUENCE_LEN = 64  # prompts of 40 tokens plus 32 new ones run past every window
 
-
 RECIPE_2026 = dict(rotary_base=100000.0, qk_scale=1.2, short_window=16, ve_gate_channels=12, ve_gate_scale=3.0,
                    smear=True, backout=True)
 
@@ -57,7 +56,7 @@ def exported(tiny_tokenizer, tmp_path_factory):
 
 
 def test_export_folder_stands_alone(exported):
-    model, tokenizer, *_, out = exported
+    _, tokenizer, *_, out = exported
     assert sorted(os.listdir(out)) == ["config.json", "configuration_nanochat.py", "generation_config.json",
                                        "model.safetensors", "modeling_nanochat.py", "tokenizer.json",
                                        "tokenizer_config.json"]
