@@ -2,7 +2,7 @@
 # The whole pipeline on a CPU (a laptop, or a machine with no network): tokenizer -> pretraining ->
 # bpb + CORE -> SFT -> chat eval -> report, then one answer from the chat model.
 #
-#   bash runs/runcpu.sh            # ~40 minutes on 2 cores: a d4 model (it babbles, but end to end)
+#   bash runs/runcpu.sh            # ~15 minutes on 2 cores with native bf16: a d4 model (it babbles, but end to end)
 #   bash runs/runcpu.sh --smoke    # every stage shrunk to a few steps (CI, ~5-10 minutes)
 #
 # Data: the embedded sample in data/ (NANOCHAT_DATA=embedded, set below: a few MB shipped in the repo,
