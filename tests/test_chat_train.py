@@ -4,16 +4,13 @@ reference, best-fit packing of conversations against a simple scan packer writte
 normaliser (token-level mean over a step; a fully masked micro-batch gives 0 and no NaN), the
 optimizer warm-start rules, and RL's group advantages and masked policy-gradient loss.
 """
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, TEST_DATA
+from conftest import REPO_ROOT, TEST_DATA, run_torchrun
 from nanochat.chat_train import (IGNORE_INDEX, training_rows, conversation_batches, loss_normaliser,
                                  load_optimizer_state, group_advantages, policy_gradient_loss)
 
@@ -251,8 +248,5 @@ def test_policy_gradient_loss_of_a_fully_masked_batch_is_zero_not_nan():
 
 @pytest.mark.slow
 def test_step_gradient_is_the_mean_over_all_ranks_under_torchrun():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO_ROOT / "tests" / "dist_chat_check.py")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "rank 0 ok" in result.stdout, result.stdout + result.stderr
+    returncode, output = run_torchrun(REPO_ROOT / "tests" / "dist_chat_check.py")
+    assert returncode == 0 and "rank 0 ok" in output, output

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_DATA, pretrain_texts
+from conftest import REPO_ROOT, TEST_DATA, pretrain_texts, run_torchrun
 from nanochat import dataset
 from nanochat.dataloader import (BatchStager, BestFitPacker, tokenizing_distributed_data_loader,
                                  tokenizing_distributed_data_loader_bos_bestfit,
@@ -317,9 +317,6 @@ def test_loader_thread_is_stopped_before_interpreter_exit(test_data, tiny_tokeni
 @pytest.mark.slow
 def test_ranks_disjoint_under_torchrun(test_data, tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO_ROOT / "tests" / "dist_loader_check.py"), str(tmp_path / "tokenizer")],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "rank 0 ok" in result.stdout
+    returncode, output = run_torchrun(REPO_ROOT / "tests" / "dist_loader_check.py", tmp_path / "tokenizer")
+    assert returncode == 0, output
+    assert "rank 0 ok" in output

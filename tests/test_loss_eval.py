@@ -1,8 +1,5 @@
 """bits per byte: agreement with a hand computation, exclusions, and the sum over ranks."""
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -10,7 +7,7 @@ import torch
 
 from nanochat.gpt import GPTConfig, build_gpt
 from nanochat.loss_eval import evaluate_bpb
-from tests.conftest import REPO_ROOT
+from conftest import run_torchrun
 
 VOCAB = 96
 SPECIAL = [90, 91]  # token ids standing for special tokens: 0 bytes
@@ -100,10 +97,8 @@ def test_bpb_sums_over_ranks(tmp_path):
             print(f"BPB {bpb!r}")
         compute_cleanup()
     """))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    dist_bpb = float(result.stdout.split("BPB ")[1].split()[0])
+    returncode, output = run_torchrun(script, timeout=240)
+    assert returncode == 0, output[-3000:]
+    dist_bpb = float(output.split("BPB ")[1].split()[0])
     single = evaluate_bpb(make_model(), iter(make_batches(seed=3, num_batches=2)), 2, make_token_bytes())
     assert dist_bpb == pytest.approx(single, rel=1e-6)

@@ -1,0 +1,111 @@
+"""
+Models and servers several test modules share (a test module never imports another): tiny random GPTs, mocks
+that honour the Engine's model contract, and the chat server run for real on a free local port.
+"""
+import contextlib
+import socket
+import threading
+import time
+
+import torch
+
+from nanochat.gpt import GPTConfig, build_gpt
+
+
+def make_gpt(vocab_size, sequence_len=64, device="cpu"):
+    """A tiny random GPT of the 2026 architecture whose every part matters: init_weights zeroes the output
+    projections and smear_lambda, so redraw all matrices (otherwise attention, and with it the KV cache, would
+    not influence the logits) and turn smear and backout well on."""
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                       n_embd=64, window_pattern="SL", rotary_base=100000.0, qk_scale=1.2, short_window=32,
+                       ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True)
+    model = build_gpt(config, device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, p.size(1) ** -0.5)
+        model.smear_lambda.fill_(0.8)
+        model.backout_lambda.fill_(0.5)
+    return model.eval()
+
+
+def tiny_gpt(vocab_size, sequence_len=128):
+    """A tiny January-architecture GPT with every parameter redrawn large, so scores differ clearly."""
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                       window_pattern="SL")
+    model = build_gpt(config, "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+class MockConfig:
+    """The config fields the Engine reads from a model, for mocks."""
+    n_layer, n_head, n_kv_head, n_embd, sequence_len = 2, 2, 1, 8, 128
+
+
+class ScriptedConfig:
+    n_layer, n_head, n_kv_head, n_embd, sequence_len = 1, 1, 1, 4, 256
+
+
+class ScriptedModel:
+    """
+    Engine contract mock: after a prompt of prompt_len tokens each row writes `script`, one token per step
+    (then repeats its last token). delay: seconds per forward, a slow model. Records (B, T) per forward.
+    """
+
+    def __init__(self, vocab_size, script, prompt_len, delay=0.0):
+        self.config = ScriptedConfig()
+        self.vocab_size, self.script, self.prompt_len, self.delay = vocab_size, script, prompt_len, delay
+        self.calls = []
+
+    def get_device(self):
+        return "cpu"
+
+    def forward(self, ids, kv_cache=None):
+        B, T = ids.shape
+        self.calls.append((B, T))
+        time.sleep(self.delay)
+        logits = torch.zeros(B, T, self.vocab_size)
+        for b, cached in enumerate(kv_cache.cache_seqlens.tolist()):
+            logits[b, -1, self.script[min(cached + T - self.prompt_len, len(self.script) - 1)]] = 100.0
+        kv_cache.advance(T)
+        return logits
+
+
+@contextlib.contextmanager
+def serve(app, **config):
+    """Run the app with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
+    import uvicorn
+    from scripts.chat_web import server_config  # only the server helpers need the web stack
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def scripted_server_app(tokenizer, text, **kwargs):
+    """An app whose model answers the first message "hi" with `text` then <|assistant_end|>."""
+    from scripts.chat_web import create_app, render_prompt
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
+    script = tokenizer.encode(text) + [tokenizer.encode_special("<|assistant_end|>")]
+    return create_app([(ScriptedModel(tokenizer.get_vocab_size(), script, len(prompt)), tokenizer)], **kwargs), script
+
+
+MESSAGES = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"},
+            {"role": "user", "content": "Tell me about the history of Rome."}]
