@@ -1,6 +1,6 @@
 """
 Inference speed: Engine (KV cache) prefill and decode throughput at a few batch sizes, against the
-naive GPT.generate that re-runs the whole sequence for every token (SPEC §11 target: >= 3x at 256 new
+naive GPT.generate that re-runs the whole sequence for every token (the target: >= 3x at 256 new
 tokens on CPU).
 
     python -m dev.bench_engine --depth 4                    # a random d4 model (the runcpu.sh size)

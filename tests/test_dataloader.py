@@ -220,7 +220,7 @@ def test_crop_fraction_at_T2048(test_data, tokenizer_32k):
     """
     Crop fraction = tokens of consumed documents cut off by cropping / all their tokens. Measured on
     the shared Wikipedia shards: ~1% with 32K vocab (~2.4% with the 1024-vocab fixture) against ~28%
-    (~39%) for greedy in-order packing of the same documents. The SPEC's ~35% is for FineWeb-Edu, whose
+    (~39%) for greedy in-order packing of the same documents. The ~35% usually quoted is for FineWeb-Edu, whose
     documents are much longer than these articles (median ~220 tokens). The assertion compares with
     the greedy baseline computed here on the same documents, so it fails if picking is not best-fit.
     """
