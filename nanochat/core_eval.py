@@ -33,12 +33,11 @@ import zipfile
 from functools import partial
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import get_base_dir, get_compute_dtype, get_dist_info, print0
+from nanochat.common import all_reduce_sum, get_base_dir, get_compute_dtype, get_dist_info, print0
 from nanochat.datasource import DownloadError, download_once, find_data
 from nanochat.kv_cache import KVCache
 
@@ -296,10 +295,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_size=16, shar
         examples = [prepare_example(tokenizer, data, idx, task_meta, max_len) for idx in indices]
         correct = score_examples_batched(model, examples, task_meta["task_type"], tokenizer.get_bos_token_id(),
                                          device, batch_size, share_prefix)
-    counts = torch.tensor([sum(correct), len(correct)], dtype=torch.float32, device=device)  # exact below 2**24
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    num_correct, num_total = counts.tolist()
+    num_correct, num_total = all_reduce_sum([sum(correct), len(correct)], torch.device(device))
     return num_correct / max(num_total, 1)
 
 

@@ -1,0 +1,79 @@
+"""
+What the stage scripts share, so that each script's own story, its loop, stays in view: the flags of every
+training run, the flags that pick a checkpoint, the run's start (device, ranks, wandb), and the step meter
+behind the per-step log line.
+"""
+
+from nanochat.common import compute_init, format_duration, init_wandb, positive, print_banner
+
+
+def add_run_flags(parser, dry_run=True):
+    """The flags of every training run: where it runs, its wandb name, and its checkpoints."""
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
+    parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
+
+
+def add_checkpoint_flags(parser, source, choices, required=False):
+    """-i/-g/-s: the checkpoint a script loads (stage, model tag, step); load_model picks what is not given."""
+    parser.add_argument("-i", "--source", type=str, default=source, choices=choices, required=required,
+                        help="which stage's checkpoint")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+
+
+def start_run(args, wandb_project, user_config):
+    """The banner, the device and ranks (compute_init), wandb -> (ddp, rank, world_size, device, wandb_run)."""
+    print_banner()
+    ddp, rank, _, world_size, device = compute_init(args.device_type)
+    return ddp, rank, world_size, device, init_wandb(args.run, wandb_project, user_config, rank == 0)
+
+
+class StepMeter:
+    """
+    The per-step numbers of a training loop: the train loss as a debiased EMA, the time spent training (the
+    first `warmup_steps` steps, compilation and warmup, left out), throughput, MFU and the ETA, and the log line
+    they make. Its state lives in the run's loop state dict (smooth_train_loss, total_training_time), so a
+    resumed run continues the same averages.
+    """
+    EMA_BETA = 0.9
+
+    def __init__(self, loop_state, warmup_steps=10, tokens_per_step=None, flops_per_token=None, peak_flops=None):
+        self.state, self.warmup_steps = loop_state, warmup_steps
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+
+    def update(self, step, dt, loss=None):
+        """Count a step (its number, from 1) of dt seconds -> the debiased EMA of the loss (None without one)."""
+        if step > self.warmup_steps:
+            self.state["total_training_time"] += dt
+        if loss is None:
+            return None
+        beta = self.EMA_BETA
+        self.state["smooth_train_loss"] = beta * self.state["smooth_train_loss"] + (1 - beta) * loss
+        return self.state["smooth_train_loss"] / (1 - beta ** step)
+
+    def tokens_per_second(self, dt):
+        return int(self.tokens_per_step / dt)
+
+    def mfu(self, dt):
+        """Percent of the peak FLOP/s of all ranks (peak_flops: theirs summed)."""
+        return 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak_flops
+
+    def eta(self, step, progress, dt):
+        """Seconds left when `progress` (a fraction) of the run took `step` steps, at the timed pace (dt before it)."""
+        timed_steps = step - self.warmup_steps
+        seconds_per_step = self.state["total_training_time"] / timed_steps if timed_steps > 0 else dt
+        return seconds_per_step * step * (1 - progress) / max(progress, 1e-9)
+
+    def line(self, step, total_steps, progress, dt, before=(), after=()):
+        """step N/total (progress%) | *before | dt | tok/sec | mfu | *after | eta: what a loop prints after a step."""
+        parts = [f"step {step:05d}/{total_steps} ({100 * progress:5.1f}%)", *before, f"dt {dt * 1000:.0f}ms"]
+        if self.tokens_per_step:
+            parts.append(f"tok/sec {self.tokens_per_second(dt):,}")
+        if self.flops_per_token:
+            parts.append(f"mfu {self.mfu(dt):.2f}")
+        return " | ".join([*parts, *after, f"eta {format_duration(self.eta(step, progress, dt))}"])
