@@ -20,11 +20,10 @@ from nanochat.checkpoint_manager import STAGE_DIRS, find_largest_model, load_mod
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
+from nanochat.stage import add_checkpoint_flags
 
 parser = argparse.ArgumentParser(description="Evaluate a model on the CORE metric")
-parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task, a fixed random subset (-1 = all)")
 parser.add_argument("--batch-size", type=positive(int), default=16, help="rows (prompts) per forward pass")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")

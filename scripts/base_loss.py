@@ -15,12 +15,11 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.stage import add_checkpoint_flags
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="bpb on train/val and samples of a trained model")
-parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
 parser.add_argument("--split-tokens", type=positive(int), default=40 * 524288, help="tokens evaluated per split")
 parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditioned samples to print")

@@ -15,6 +15,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir,
 from nanochat.checkpoint_manager import load_model, find_largest_model, STAGE_DIRS
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.stage import add_checkpoint_flags
 from tasks.chatcore import TASKS, evaluate_task, chatcore
 
 
@@ -28,12 +29,9 @@ def parse_task_names(spec):
 
 def main():
     parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["sft", "rl"],
-                        help="which checkpoint stage to evaluate")
+    add_checkpoint_flags(parser, None, ["sft", "rl"], required=True)
     parser.add_argument("-a", "--task-name", type=str, default="", help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
     parser.add_argument("--max-problems", type=positive(int), default=None, help="evaluate at most this many problems per task")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-b", "--batch-size", type=positive(int), default=8, help="problems per forward in categorical tasks")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50)
