@@ -109,3 +109,37 @@ def scripted_server_app(tokenizer, text, **kwargs):
 
 MESSAGES = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"},
             {"role": "user", "content": "Tell me about the history of Rome."}]
+
+
+# Bits per byte: a model, token byte counts and batches with ignored and special-token targets
+BPB_VOCAB = 96
+BPB_SPECIAL = [90, 91]  # token ids standing for special tokens: 0 bytes
+
+
+def bpb_model():
+    """A small random GPT for the bits-per-byte tests (and their workers on other ranks)."""
+    config = GPTConfig(sequence_len=16, vocab_size=BPB_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
+    model = build_gpt(config, "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def bpb_token_bytes():
+    token_bytes = torch.randint(1, 5, (BPB_VOCAB,), generator=torch.Generator().manual_seed(0))
+    token_bytes[BPB_SPECIAL] = 0
+    return token_bytes
+
+
+def bpb_batches(seed, num_batches=2):
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        x = torch.randint(0, BPB_VOCAB, (3, 16), generator=gen)
+        y = torch.randint(0, BPB_VOCAB, (3, 16), generator=gen)
+        y[0, :3] = -1  # ignored positions (e.g. masked chat tokens)
+        y[1, 5], y[2, 7] = BPB_SPECIAL  # special-token targets
+        batches.append((x, y))
+    return batches

@@ -281,7 +281,7 @@ def test_evaluate_task_sums_over_ranks(tiny_tokenizer, tmp_path):
         from nanochat.common import compute_init, compute_cleanup
         from nanochat.core_eval import evaluate_task
         from nanochat.tokenizer import RustBPETokenizer
-        from tests.helpers import tiny_gpt
+        from helpers import tiny_gpt
         _, rank, _, _, _ = compute_init("cpu")
         tokenizer = RustBPETokenizer.from_directory({str(tmp_path / "tok")!r})
         spec = json.load(open({str(tmp_path / "data.json")!r}))
