@@ -30,6 +30,12 @@ SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA") or REPO_ROOT.parent / 
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the full data tree {SHARED_DATA}")
 
 
+def pytest_configure(config):
+    if not (TEST_DATA / "pretrain").is_dir():
+        raise pytest.UsageError(f"NANOCHAT_TEST_DATA={TEST_DATA} is not a data tree (pretrain/, eval_bundle/, chat/, "
+                                "words/): point it at one, or unset it to test with the repo's data/")
+
+
 def pretrain_texts(max_chars=2_000_000, shard=0):
     """Documents from one of the test data's pretraining shards (real Wikipedia text); shard=-1 is val."""
     path = sorted((TEST_DATA / "pretrain").glob("shard_*.parquet"))[shard]
