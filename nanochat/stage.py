@@ -4,7 +4,8 @@ training run, the flags that pick a checkpoint, the run's start (device, ranks, 
 behind the per-step log line.
 """
 
-from nanochat.common import compute_init, format_duration, init_wandb, positive, print_banner
+from nanochat.checkpoint_manager import prune_checkpoints, save_checkpoint
+from nanochat.common import compute_init, format_duration, init_wandb, positive, print0, print_banner
 
 
 def add_run_flags(parser, dry_run=True):
@@ -33,14 +34,20 @@ def start_run(args, wandb_project, user_config):
     return ddp, rank, world_size, device, init_wandb(args.run, wandb_project, user_config, rank == 0)
 
 
+def save_run_checkpoint(checkpoint_dir, step, model, optimizer, meta, rank, args):
+    """Every rank saves (its optimizer shard); then rank 0 keeps the --keep-last newest, and the step it resumed from."""
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    if rank == 0 and args.keep_last:
+        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if args.resume_from_step != -1 else [])
+
+
 class StepMeter:
     """
-    The per-step numbers of a training loop: the train loss as a debiased EMA, the time spent training (the
-    first `warmup_steps` steps, compilation and warmup, left out), throughput, MFU and the ETA, and the log line
-    they make. Its state lives in the run's loop state dict (smooth_train_loss, total_training_time), so a
-    resumed run continues the same averages.
+    The per-step numbers of a training loop: the train loss as a debiased EMA (beta 0.9), the time spent training
+    (without the first `warmup_steps` steps: compilation and warmup), throughput, MFU, the ETA, and the log line.
+    Its state lives in the run's loop state (smooth_train_loss, total_training_time): a resumed run continues it.
     """
-    EMA_BETA = 0.9
 
     def __init__(self, loop_state, warmup_steps=10, tokens_per_step=None, flops_per_token=None, peak_flops=None):
         self.state, self.warmup_steps = loop_state, warmup_steps
@@ -50,11 +57,9 @@ class StepMeter:
         """Count a step (its number, from 1) of dt seconds -> the debiased EMA of the loss (None without one)."""
         if step > self.warmup_steps:
             self.state["total_training_time"] += dt
-        if loss is None:
-            return None
-        beta = self.EMA_BETA
-        self.state["smooth_train_loss"] = beta * self.state["smooth_train_loss"] + (1 - beta) * loss
-        return self.state["smooth_train_loss"] / (1 - beta ** step)
+        if loss is not None:
+            self.state["smooth_train_loss"] = 0.9 * self.state["smooth_train_loss"] + 0.1 * loss
+            return self.state["smooth_train_loss"] / (1 - 0.9 ** step)
 
     def tokens_per_second(self, dt):
         return int(self.tokens_per_step / dt)
