@@ -1,12 +1,14 @@
-"""nanochat/stage.py: the step meter against a plain reference, its resumable state, and the shared flags."""
+"""nanochat/stage.py: the step meter against a plain reference, its resumable state, the shared flags, saving."""
 import argparse
 import copy
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from nanochat.common import all_reduce_sum
-from nanochat.stage import StepMeter, add_checkpoint_flags, add_run_flags
+from nanochat.stage import StepMeter, add_checkpoint_flags, add_run_flags, save_run_checkpoint
 
 
 def fresh_state():
@@ -66,3 +68,15 @@ def test_shared_flags_defaults_and_short_forms():
 
 def test_all_reduce_sum_of_one_process_is_the_values():
     assert all_reduce_sum([3, 2.5, 0], torch.device("cpu")) == [3.0, 2.5, 0.0]
+
+
+def test_save_run_checkpoint_keeps_the_newest_and_the_resumed_step(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = SimpleNamespace(keep_last=2, resume_from_step=10)
+    for step in [10, 20, 30, 40]:
+        save_run_checkpoint(str(tmp_path), step, model, optimizer, {"step": step}, 0, args)
+    steps = sorted(int(name[5:11]) for name in os.listdir(tmp_path) if name.startswith("meta_"))
+    assert steps == [10, 30, 40]
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{kind}_{step:06d}{ext}" for step in steps for kind, ext in
+                                                  [("model", ".pt"), ("meta", ".json"), ("optim", "_rank0.pt")])
