@@ -40,18 +40,19 @@ def training_rows(rows, width, pad_id):
 
 
 class RenderedConversation:
-    """(ids, mask) as the packer sees it: its len() is its number of tokens."""
+    """(ids, mask) of the dataset's conversation `index` as the packer sees it: its len() is its number of tokens."""
 
-    __slots__ = ("ids", "mask")
+    __slots__ = ("ids", "mask", "index")
 
-    def __init__(self, ids, mask):
-        self.ids, self.mask = ids, mask
+    def __init__(self, ids, mask, index):
+        self.ids, self.mask, self.index = ids, mask, index
 
     def __len__(self):
         return len(self.ids)
 
 
-def conversation_batches(dataset, tokenizer, batch_size, seq_len, device, rank=0, world_size=1, buffer_size=100):
+def conversation_batches(dataset, tokenizer, batch_size, seq_len, device, rank=0, world_size=1, buffer_size=100,
+                         resume_state=None):
     """
     Yield (inputs, targets, state) forever: batch_size best-fit packed rows of seq_len tokens from the
     conversations of dataset (a task), each row padded after its last whole conversation. Rank r
@@ -60,27 +61,43 @@ def conversation_batches(dataset, tokenizer, batch_size, seq_len, device, rank=0
     (it then fills a row alone), because its beginning still teaches the format and the answer's start;
     dropping it would lose that and skew the mixture against long conversations.
     buffer_size: conversations the packer chooses from (more: fuller rows, but farther from the
-    mixture's order). state: {"cursor": next conversation index this rank renders, "epoch_progress":
-    conversations packed into rows on all ranks / len(dataset), "truncated": conversations this rank
-    truncated so far}.
+    mixture's order). state: {"cursor": next conversation index this rank renders, "pending": the
+    conversations waiting in the packer, in the order they were added, "epoch_progress": conversations
+    packed into rows on all ranks / len(dataset), "truncated": conversations this rank truncated so far}.
+    Passing a state back as resume_state continues exactly where it was taken: the pending conversations
+    are rendered again and re-added in their order, which rebuilds the packer as it was (it orders them
+    by length, equal lengths in the order added).
     """
     row_len = seq_len + 1
     packer = BestFitPacker(row_len)
     pad_id = tokenizer.get_bos_token_id()
-    cursor, num_added, num_truncated = rank, 0, 0
+
+    def render(index):
+        # one token more than a row shows which conversations are longer than a row
+        ids, mask = tokenizer.render_conversation(dataset[index % len(dataset)], max_tokens=row_len + 1)
+        return RenderedConversation(ids[:row_len], mask[:row_len], index), len(ids) > row_len
+
+    state = resume_state or {"cursor": rank, "pending": [], "truncated": 0}
+    cursor, num_truncated = state["cursor"], state["truncated"]
+    pending = dict.fromkeys(state["pending"])  # an ordered set of the conversation indices in the packer
+    for index in pending:
+        packer.add(render(index)[0])
     while True:
         rows = []
         for _ in range(batch_size):
             while len(packer) < buffer_size:
-                # one token more than a row shows which conversations are longer than a row
-                ids, mask = tokenizer.render_conversation(dataset[cursor % len(dataset)], max_tokens=row_len + 1)
-                num_truncated += len(ids) > row_len
-                packer.add(RenderedConversation(ids[:row_len], mask[:row_len]))
-                cursor, num_added = cursor + world_size, num_added + 1
+                conversation, truncated = render(cursor)
+                packer.add(conversation)
+                pending[cursor] = None
+                num_truncated += truncated
+                cursor += world_size
             docs = packer.take_docs()
+            for doc in docs:
+                del pending[doc.index]
             rows.append(([t for doc in docs for t in doc.ids], [m for doc in docs for m in doc.mask]))
         inputs, targets = training_rows(rows, seq_len, pad_id)
-        state = {"cursor": cursor, "epoch_progress": (num_added - len(packer)) * world_size / len(dataset),
+        num_packed = (cursor - rank) // world_size - len(packer)  # conversations of this rank packed into rows
+        state = {"cursor": cursor, "pending": list(pending), "epoch_progress": num_packed * world_size / len(dataset),
                  "truncated": num_truncated}
         yield inputs.to(device), targets.to(device), state
 

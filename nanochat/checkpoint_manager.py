@@ -10,8 +10,12 @@ a file under its final name is always whole. Because meta is written last (after
 shard), a checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at
 most an incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp
 files of a killed save are removed by the next save or load in that directory.
+Training stages resume from their own checkpoints (resume_training), and a run script re-run after a
+crash skips the stages that finished and resumes the interrupted one:
+  python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...
 """
 
+import argparse
 import dataclasses
 import glob
 import json
@@ -198,6 +202,34 @@ def check_resume_step(resume_step, num_iterations):
                         f"from an earlier step, or train for more steps (--num-iterations > {resume_step})")
 
 
+def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0):
+    """
+    Continue a run from a checkpoint its --save-every wrote: load the weights into the freshly built
+    model and this rank's optimizer shard into its optimizer -> the step's meta (loop and data state).
+    """
+    model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    saved_world_size, world_size = optimizer_data.get("world_size", 1), _world_size()
+    if saved_world_size != world_size:
+        raise UserError(f"Step {step} in {checkpoint_dir} was saved by {saved_world_size} process(es) and this run has "
+                        f"{world_size}: each holds only its shard of the optimizer, so resume with {saved_world_size}")
+    model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
+    optimizer.load_state_dict(optimizer_data)
+    return meta_data
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_from_ranks(value):
+    """-> [rank 0's value, rank 1's, ...] on every rank: per-rank state (a data position) for meta, which rank 0 writes."""
+    if _world_size() == 1:
+        return [value]
+    values = [None] * _world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def prune_checkpoints(checkpoint_dir, keep_last, keep_steps=()):
     """
     Keep the keep_last newest complete steps and keep_steps (e.g. the step this run resumed from), and
@@ -349,3 +381,58 @@ def load_model(source, device, phase, model_tag=None, step=None):
         raise FileNotFoundError(f"No {source} checkpoints in {checkpoints_dir}: run `python -m {STAGE_SCRIPTS[source]}` "
                                 f"first (or set NANOCHAT_BASE_DIR to the run's base dir)")
     return load_model_from_dir(checkpoints_dir, device, phase, model_tag, step)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Re-running a pipeline after a crash: each training stage skips when it finished and resumes when it
+# was interrupted, so a run script can simply be started again.
+
+def stage_progress(checkpoint_dir):
+    """
+    -> ("finished", step) when the newest complete checkpoint is the last step of its run (meta "finished"),
+    ("interrupted", step) when it is one that --save-every wrote (the run resumes from it), ("fresh", None)
+    when there is none.
+    """
+    steps = complete_steps(checkpoint_dir)
+    if not steps:
+        return "fresh", None
+    step = steps[-1]
+    if _read_file(meta_path(checkpoint_dir, step), step, _read_json).get("finished"):
+        return "finished", step
+    if not os.path.exists(optim_path(checkpoint_dir, step, 0)):
+        raise UserError(f"Step {step} in {checkpoint_dir} is neither the end of a run nor resumable (it has no optimizer "
+                        f"state): delete {checkpoint_dir} to train that stage again")
+    return "interrupted", step
+
+
+def run_stage(argv=None):
+    """
+    python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...  runs COMMAND, the training of one stage,
+    unless that stage already finished; when it was interrupted, COMMAND gets --resume-from-step=<its last step>.
+    """
+    parser = argparse.ArgumentParser(prog="python -m nanochat.checkpoint_manager", description=run_stage.__doc__)
+    parser.add_argument("stage", choices=sorted(STAGE_DIRS))
+    parser.add_argument("model_tag", help="the checkpoint directory of the stage, e.g. d20")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command that trains the stage")
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.error("give the command that trains the stage")
+    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.stage], args.model_tag)
+    try:
+        progress, step = stage_progress(checkpoint_dir)
+    except UserError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    if progress == "finished":
+        print(f"{args.stage} {args.model_tag}: finished at step {step} in {checkpoint_dir}, skipping it", flush=True)
+        return
+    command = args.command + ([f"--resume-from-step={step}"] if progress == "interrupted" else [])
+    if progress == "interrupted":
+        print(f"{args.stage} {args.model_tag}: resuming from step {step} of {checkpoint_dir}", flush=True)
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        parser.exit(127, f"{parser.prog}: error: cannot run {command[0]}: {e.strerror}\n")
+
+
+if __name__ == "__main__":
+    run_stage()

@@ -80,19 +80,24 @@ class BestFitPacker:
             space -= len(docs[-1])
         return docs
 
-    def take_row(self):
-        """One row of exactly row_len tokens, starting with the first token of a document."""
+    def take_row(self, out=None):
+        """
+        One row of exactly row_len tokens, starting with the first token of a document, written into out
+        (a preallocated int64 numpy row, reused batch after batch; a new one when None) and returned.
+        """
         if self.buffered_tokens < self.row_len:
             raise ValueError(f"BestFitPacker holds {self.buffered_tokens} tokens, fewer than a row "
                              f"({self.row_len}): add() more documents first")
-        row = []
+        out = np.empty(self.row_len, dtype=np.int64) if out is None else out
+        filled = 0
         for doc in self.take_docs():
-            row.extend(doc)
-        if len(row) < self.row_len:
-            doc, remaining = self._pop(0), self.row_len - len(row)
-            row.extend(doc[:remaining])
+            out[filled:filled + len(doc)] = doc
+            filled += len(doc)
+        if filled < self.row_len:
+            doc, remaining = self._pop(0), self.row_len - filled
+            out[filled:] = doc[:remaining]
             self.tokens_cropped += len(doc) - remaining
-        return row
+        return out
 
 
 class BatchStager:
@@ -217,15 +222,15 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(tokenizer, B, T, s
         raise ValueError(f"packer.row_len must be T + 1 = {T + 1}, got {packer.row_len}")
     stager = BatchStager(B, T, device)
     batches = _token_batches(tokenizer, split, resume_state_dict, tokenizer_threads, tokenizer_batch_size)
+    rows = np.empty((B, T + 1), dtype=np.int64)  # filled in place for every batch; stage() copies it out
     while True:
-        rows = []
-        for _ in range(B):
+        for row in rows:
             while len(packer) < buffer_size or packer.buffered_tokens < packer.row_len:
                 token_lists, state = next(batches)
                 for tokens in token_lists:
                     packer.add(tokens)
-            rows.append(packer.take_row())
-        inputs, targets = stager.stage(rows)
+            packer.take_row(out=row)
+        inputs, targets = stager.stage(torch.from_numpy(rows))
         yield inputs, targets, dict(state)
 
 
@@ -241,6 +246,7 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
     stager = BatchStager(B, T, device)
     batches = _token_batches(tokenizer, split, resume_state_dict, tokenizer_threads, tokenizer_batch_size)
     stream = []
+    rows = np.empty((B, T + 1), dtype=np.int64)  # filled in place for every batch; stage() copies it out
     while True:
         while len(stream) < B * T + 1:
             token_lists, state = next(batches)
@@ -248,9 +254,10 @@ def tokenizing_distributed_data_loader_with_state(tokenizer, B, T, split, device
                 stream.extend(tokens)
         # row b is stream[b*T : b*T + T + 1]: targets continue the stream, and the last token of this
         # batch is the first input of the next one, so no token is skipped
-        rows = [stream[b * T:b * T + T + 1] for b in range(B)]
+        for b in range(B):
+            rows[b] = stream[b * T:b * T + T + 1]
         del stream[:B * T]
-        inputs, targets = stager.stage(rows)
+        inputs, targets = stager.stage(torch.from_numpy(rows))
         yield inputs, targets, dict(state)
 
 

@@ -381,29 +381,37 @@ class GPT(nn.Module):
                               for left, _ in self.window_sizes)
         return 6 * matmul_params + attention_flops
 
-    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                        adam_betas=(0.8, 0.95), scalar_lr=0.5):
-        """One optimizer for everything: AdamW for embeddings, lm_head and scalars, Muon for block matrices."""
+    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+        """
+        One optimizer for everything: AdamW for embeddings, lm_head and scalars, Muon for block matrices.
+        The LRs arrive scaled for the batch size; weight_decay is Muon's (the AdamW decays are fixed here).
+        """
         # The AdamW learning rates were tuned at width 768; wider models take proportionally smaller steps.
         scale = (self.config.n_embd / 768) ** -0.5
 
-        def adamw(params, lr, betas=adam_betas):
-            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=0.0)
+        def adamw(params, lr, betas, weight_decay=0.0):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=weight_decay)
 
+        # Each table and scalar set gets its own betas and decay: the embeddings see sparse, rare-token
+        # gradients, so a long second-moment memory (0.995) keeps their steps from jumping when a rare
+        # token shows up; a little decay keeps unused rows from drifting.
         groups = [
-            adamw([self.lm_head.weight], unembedding_lr * scale),
-            adamw([self.transformer.wte.weight], embedding_lr * scale),
-            adamw(list(self.value_embeds.parameters()), embedding_lr * scale),
-            adamw([self.resid_lambdas], scalar_lr * 0.01),  # the residual scale is sensitive: move it slowly
-            adamw([self.x0_lambdas], scalar_lr, betas=(0.96, 0.95)),  # higher beta1 for x0 helped at d20
+            adamw([self.lm_head.weight], unembedding_lr * scale, (0.8, 0.96), weight_decay=0.01),
+            adamw([self.transformer.wte.weight], embedding_lr * scale, (0.8, 0.995), weight_decay=0.001),
+            # value embeddings enter every other layer's values directly: half the token-embedding LR
+            adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * scale, (0.8, 0.995), weight_decay=0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), weight_decay=0.05),  # sensitive: move slowly
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95)),  # higher beta1 for x0 helped at d20
         ]
-        smear_backout = [p for name, p in self.named_parameters() if name.startswith(SMEAR_BACKOUT_PARAMS)]
-        if smear_backout:  # rmodel: fixed LR 0.2, betas (0.8, 0.95), until rtrain's grouping lands
-            groups.append(adamw(smear_backout, 0.2, betas=(0.8, 0.95)))
+        # The smear and backout gates (present only when the config turns them on) are a handful of scalars
+        # whose useful range does not depend on the model size or batch: a fixed LR 0.2, no decay.
+        gates = [p for name, p in self.named_parameters() if name.startswith(SMEAR_BACKOUT_PARAMS)]
+        if gates:
+            groups.append(adamw(gates, 0.2, (0.8, 0.95)))
         matrices = list(self.transformer.h.parameters())
         for shape in sorted({p.shape for p in matrices}):  # Muon stacks same-shape matrices into one update
             groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
-                               momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+                               momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
         for group in groups:
             group["initial_lr"] = group["lr"]
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))

@@ -12,6 +12,8 @@ Param groups are dicts with kind='adamw' (params, lr, betas, eps, weight_decay) 
 which the schedules at the bottom scale.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -30,6 +32,9 @@ POLAR_EXPRESS_COEFFS = [
 # Below this many elements a reduce_scatter + all_gather costs more in latency than it saves, so
 # small tensors (the per-layer scalars) are all-reduced and updated whole on every rank.
 ALL_REDUCE_MAX_NUMEL = 1024
+# Polar Express divides by ||X||_F times this margin: the Frobenius norm bounds the spectral norm, the
+# margin covers its bf16 rounding. 1.01 instead of 1.02 starts the iteration 1% closer to the target.
+POLAR_EXPRESS_MARGIN = 1.01
 # torch 2.13 renamed the tensor collectives (the old names warn); pyproject allows torch >= 2.9,
 # which has only the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -57,17 +62,38 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
         param.copy_(p)
 
 
+def equalize_rows(G):
+    """
+    MuonEq, before orthogonalising: scale every row of each matrix in the stack (K, rows, cols) to the
+    matrix's RMS row norm. A few rows with large gradients otherwise dominate the polar factor's
+    direction; equal rows let every output feature take part. Zero rows (padding) stay zero.
+    """
+    row_norms = G.norm(dim=-1, keepdim=True)
+    rms_row_norm = row_norms.square().mean(dim=-2, keepdim=True).sqrt()
+    return G * (rms_row_norm / row_norms.clamp_min(1e-10))
+
+
 def polar_express(G, ns_steps):
     """Approximate the orthogonal polar factor U V^T of each matrix in the stack G (K, rows, cols)."""
     X = G.mT if G.size(-2) > G.size(-1) else G  # work on the wide side: X X^T is then the smaller product
-    # Bring every singular value into (0, 1], the range the coefficients were fit for (1.02: margin
-    # for the norm's rounding in bf16).
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    # Bring every singular value into (0, 1], the range the coefficients were fit for (the margin covers
+    # the norm's rounding in bf16).
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_MARGIN + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, one GEMM
         X = torch.baddbmm(X, B, X, beta=a)  # a X + B X, one GEMM
     return X.mT if G.size(-2) > G.size(-1) else X
+
+
+def restore_norm(X):
+    """
+    Muon+, after orthogonalising: rescale each matrix to the Frobenius norm sqrt(min(rows, cols)) of
+    an exact orthogonal factor. Polar Express leaves singular values in a band around 1 whose average
+    drifts with the input's conditioning; this pins the step size. Zero matrices (padding) stay zero.
+    """
+    target = min(X.shape[-2:]) ** 0.5
+    return X * (target / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
 def normuon(update, second_moment, beta2):
@@ -90,7 +116,8 @@ def muon_step(params, grads, momentum_buffer, second_moment, momentum, lr, weigh
     """
     momentum_buffer.lerp_(grads, 1 - momentum)
     update = grads.lerp_(momentum_buffer, momentum)  # Nesterov: look ahead along the momentum
-    update = polar_express(update.to(orth_dtype), ns_steps).float()
+    update = equalize_rows(update)
+    update = restore_norm(polar_express(update.to(orth_dtype), ns_steps).float())
     update = normuon(update, second_moment, beta2)
     # Cautious weight decay: only shrink the coordinates the update is already moving towards zero.
     mask = (update * params) >= 0
@@ -352,30 +379,67 @@ class GradScaler:
 # Schedules every training script shares
 
 
-def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+def get_lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac):
     """
-    Linear warmup, flat, then linear warmdown over the last warmdown_ratio of training to final_lr_frac.
-    Past the end it holds the final value: a negative multiplier would be gradient ascent.
+    Linear warmup over warmup_steps, flat, then linear warmdown over the last warmdown_ratio of training
+    to final_lr_frac. Past the end it holds the final value: a negative multiplier would be gradient ascent.
     """
-    warmup_iters = round(warmup_ratio * num_iterations)
     warmdown_iters = round(warmdown_ratio * num_iterations)
-    if step < warmup_iters:
-        return (step + 1) / warmup_iters
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if warmdown_iters == 0 or step <= num_iterations - warmdown_iters:
         return 1.0
     progress = max(0.0, (num_iterations - step) / warmdown_iters)  # 1 -> 0 across the warmdown
     return progress + (1 - progress) * final_lr_frac
 
 
-def get_muon_momentum(step):
-    """0.85 -> 0.95 linearly over the first 300 steps: a lower momentum settles the early, noisy steps faster."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+def get_muon_momentum(step, num_iterations=None, warmdown_ratio=0.0):
+    """
+    0.85 -> 0.97 linearly over the first 400 steps: a lower momentum settles the early, noisy steps
+    faster, a higher one then averages more gradients. Given the horizon, it is pulled linearly to 0.90
+    across the warmdown (the last warmdown_ratio of num_iterations): as the LR shrinks, the update
+    follows the latest gradients more closely.
+    """
+    momentum = 0.85 + 0.12 * min(step / 400, 1.0)
+    warmdown_iters = round(warmdown_ratio * num_iterations) if num_iterations else 0
+    if warmdown_iters > 0 and step > num_iterations - warmdown_iters:
+        progress = min((step - (num_iterations - warmdown_iters)) / warmdown_iters, 1.0)
+        momentum += progress * (0.90 - momentum)
+    return momentum
 
 
 def get_weight_decay(step, num_iterations, weight_decay):
-    """Linear decay to 0 at the end of training."""
-    return weight_decay * max(0.0, 1 - step / num_iterations)
+    """Cosine decay to 0 at the end of training: most of the decay acts early, little near the end."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * min(step / num_iterations, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# Transfer of the batch size and hyperparameters tuned at d12 (2^19 tokens per step) to other sizes
+
+REFERENCE_BATCH_SIZE = 2**19
+
+
+def auto_batch_size(tokens, reference_tokens):
+    """
+    Tokens per optimizer step for a run that trains on `tokens`, given that the reference run (d12, same
+    tokens-per-parameter ratio) trains on reference_tokens with 2^19: the best batch grows as tokens^0.383
+    (a power law fitted across model sizes), rounded to a power of two so it splits evenly into rows.
+    """
+    return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * (tokens / reference_tokens) ** 0.383))
+
+
+def batch_lr_scale(batch_size):
+    """Every LR scales by sqrt(batch / 2^19): the gradient noise falls as 1/sqrt(batch)."""
+    return (batch_size / REFERENCE_BATCH_SIZE) ** 0.5
+
+
+def transfer_weight_decay(weight_decay, batch_size, tokens, reference_tokens):
+    """
+    The Muon weight decay tuned at the reference run, for this one. Decay's timescale 1/(lr * wd) steps
+    should stay a fixed fraction of the run: lr scales by sqrt(batch / 2^19), and a run on more tokens
+    (more steps at this batch) wants proportionally less decay per step.
+    """
+    return weight_decay * batch_lr_scale(batch_size) * reference_tokens / tokens
 
 
 def apply_schedules(optimizer, lrm, muon_momentum=None, muon_weight_decay=None):

@@ -10,25 +10,29 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 
 bash runs/setup.sh
 source .venv/bin/activate
-python -m nanochat.report reset
+# Re-running after a crash continues the run, as in speedrun.sh
+stage() { python -m nanochat.checkpoint_manager "$@"; }
+RERUN=0; [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/d32" ] && RERUN=1
+[ $RERUN = 1 ] || python -m nanochat.report reset
 
-# Shards: d32 scaling params = 32 x 12 x 2048^2 + 32768 x 2048 = 1.68B; x 10.5 tokens/param = 17.6B
-# tokens ~ 85B chars ~ 340 shards of text, ~520 read with the ~35% best-fit crop; 600 for headroom.
+# Shards: d32 scaling params = 32 x 12 x 2048^2 + 32768 x 2048 = 1.68B; x 12 tokens/param (the default
+# ratio) = 20.2B tokens ~ 97B chars ~ 390 shards of text, ~600 read with the ~35% best-fit crop; 650 for headroom.
 python -m nanochat.dataset -n 8 --source climbmix
-python -m nanochat.dataset -n 600 --source climbmix &
+python -m nanochat.dataset -n 650 --source climbmix &
 DATASET_DOWNLOAD_PID=$!
-python -m scripts.tok_train --max-chars=4000000000 --vocab-size=32768
-python -m scripts.tok_eval
+[ $RERUN = 1 ] || python -m scripts.tok_train --max-chars=4000000000 --vocab-size=32768
+[ $RERUN = 1 ] || python -m scripts.tok_eval
 wait $DATASET_DOWNLOAD_PID
 
 # d32 activations at 32 rows x 2048 do not fit next to the optimizer state on 80 GB: 16 rows, and the
-# same 2^19 tokens per step through gradient accumulation.
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --save-every=2000 \
-    --device-type=cuda --run=$WANDB_RUN
+# automatic 2^21 tokens per step through gradient accumulation (8 steps). --fp8 as in the speedrun.
+stage base d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --fp8 \
+    --save-every=2000 --device-type=cuda --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
 
 curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --device-type=cuda --run=$WANDB_RUN  # 16 rows, as the base run
+stage sft d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --device-type=cuda \
+    --run=$WANDB_RUN  # 16 rows, as the base run
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda
 python -m nanochat.report generate

@@ -41,15 +41,19 @@ else
     EVAL="--max-problems=50 --max-new-tokens=128"
 fi
 COMMON="--device-type=cpu"
+TAG=$([ "$SMOKE" = 1 ] && echo d2 || echo d4)  # the depth in $BASE
 
-python -m nanochat.report reset
+# Re-running after a crash continues the run, as in speedrun.sh
+stage() { python -m nanochat.checkpoint_manager "$@"; }
+RERUN=0; [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG" ] && RERUN=1
+[ $RERUN = 1 ] || python -m nanochat.report reset
 python -m nanochat.dataprep -n 8        # nothing to download when the embedded sample or NANOCHAT_DATA_DIR has shards
-python -m scripts.tok_train $TOK
-python -m scripts.tok_eval
-python -m scripts.base_train $COMMON $BASE --core-metric-every=-1
+[ $RERUN = 1 ] || python -m scripts.tok_train $TOK
+[ $RERUN = 1 ] || python -m scripts.tok_eval
+stage base $TAG python -m scripts.base_train $COMMON $BASE --core-metric-every=-1 --save-every=100
 python -m scripts.base_loss $COMMON $BASE_LOSS
 python -m scripts.base_eval $COMMON $CORE
-python -m scripts.chat_sft $COMMON $SFT
+stage sft $TAG python -m scripts.chat_sft $COMMON $SFT --save-every=100
 python -m scripts.chat_eval $COMMON -i sft $EVAL
 python -m nanochat.report generate
 

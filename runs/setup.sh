@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 TORCH_VERSION="${NANOCHAT_TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${NANOCHAT_EXTRAS:-dev}"
+EXTRAS="${NANOCHAT_EXTRAS:-dev,hf}"  # hf: the export to transformers, which the tests check
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 

@@ -2,12 +2,14 @@
 Pretrain a base model. One dial, --depth, sizes everything else.
 
     python -m scripts.base_train --depth=4 --max-seq-len=512 --device-batch-size=8   # a small CPU run
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20     # the speedrun
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --fp8
 
 The story: args -> compute init -> tokenizer -> model -> horizon -> optimizer -> data -> loop -> save.
 """
 
+import gc
 import os
+import math
 import time
 import argparse
 from dataclasses import asdict
@@ -17,17 +19,19 @@ import torch
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, compute_choice, synchronize,
                              get_base_dir, get_peak_flops, get_device_name, get_max_memory_mb, init_wandb,
                              format_duration, positive)
-from nanochat.gpt import build_gpt, config_for_depth, check_config
+from nanochat.gpt import GPT, build_gpt, config_for_depth, check_config
+from nanochat.fp8 import check_fp8_supported, convert_to_fp8
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
-from nanochat.optim import get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules, GradScaler
+from nanochat.optim import (get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules, GradScaler,
+                            auto_batch_size, batch_lr_scale, transfer_weight_decay, REFERENCE_BATCH_SIZE)
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, check_resume_step, prune_checkpoints
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
 
 # -----------------------------------------------------------------------------
-# Flags (defaults are the tuned values of the d20 speedrun)
+# Flags (defaults: the tuned values, transferred from d12 to any depth by the batch-size rule below)
 parser = argparse.ArgumentParser(description="Pretrain a base model")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
@@ -40,25 +44,23 @@ parser.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-
 # training horizon, in order of precedence
 parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1 = derive)")
 parser.add_argument("--target-flops", type=float, default=-1.0, help="compute budget in FLOPs (-1 = use the data ratio)")
-parser.add_argument("--target-param-data-ratio", type=float, default=10.5, help="tokens per scaling parameter (Chinchilla ~20)")
+parser.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter (Chinchilla ~20)")
 # batch
 parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass per device")
-parser.add_argument("--total-batch-size", type=positive(int), default=524288, help="tokens per optimizer step, all ranks")
+parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = automatic)")
 # optimizer
 parser.add_argument("--embedding-lr", type=positive(float), default=0.3)
-parser.add_argument("--unembedding-lr", type=positive(float), default=0.004)
-parser.add_argument("--weight-decay", type=float, default=0.2, help="Muon weight decay at depth 12; scaled by (12/depth)^2")
+parser.add_argument("--unembedding-lr", type=positive(float), default=0.008)
+parser.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12 and 2^19 tokens/step; transferred to this run")
 parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
 parser.add_argument("--scalar-lr", type=positive(float), default=0.5)
-parser.add_argument("--adam-beta1", type=float, default=0.8)
-parser.add_argument("--adam-beta2", type=float, default=0.95)
-parser.add_argument("--warmup-ratio", type=float, default=0.0)
-parser.add_argument("--warmdown-ratio", type=float, default=0.4)
-parser.add_argument("--final-lr-frac", type=float, default=0.0)
+parser.add_argument("--warmup-steps", type=int, default=40)
+parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the run over which the LR decays")
+parser.add_argument("--final-lr-frac", type=float, default=0.05)
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
 # evaluation and checkpoints
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
-parser.add_argument("--eval-tokens", type=positive(int), default=10485760, help="tokens of the val split per bpb evaluation")
+parser.add_argument("--eval-tokens", type=positive(int), default=80 * 524288, help="tokens of the val split per bpb evaluation")
 parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1 = never, 0 = only at the end)")
 parser.add_argument("--core-metric-max-per-task", type=int, default=500)
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = never)")
@@ -66,6 +68,7 @@ parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
 parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir name (default d{depth})")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = where it pays (GPUs, bf16 CPUs)")
+parser.add_argument("--fp8", action="store_true", help="train the large matmuls in fp8 (Hopper/Ada GPUs; eval stays in the compute dtype)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
@@ -76,8 +79,10 @@ def fail(message):
 
 if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
     fail(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
-if not (0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1):
-    fail("--warmup-ratio and --warmdown-ratio must be >= 0 and sum to at most 1")
+if args.total_batch_size == 0 or args.total_batch_size < -1:
+    fail(f"--total-batch-size must be a number of tokens or -1 (automatic), got {args.total_batch_size}")
+if args.warmup_steps < 0 or not 0 <= args.warmdown_ratio <= 1:
+    fail("--warmup-steps must be >= 0 and --warmdown-ratio within [0, 1]")
 if args.final_lr_frac < 0:
     fail(f"--final-lr-frac must be >= 0 (a negative LR would be gradient ascent), got {args.final_lr_frac}")
 
@@ -88,6 +93,8 @@ ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 device_type = device.type
 master_process = rank == 0
 compute = compute_choice(device_type)
+if args.fp8:
+    check_fp8_supported(device)
 peak_flops = get_peak_flops(get_device_name(device_type)) if device_type == "cuda" else float("inf")
 wandb_run = init_wandb(args.run, "nanochat", user_config, master_process)
 
@@ -113,6 +120,8 @@ if resuming:
                                                             load_optimizer=True, rank=rank)
     model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
     del model_data
+if args.fp8:
+    convert_to_fp8(model)  # the same Parameters: checkpoints, optimizer and FLOP count are unchanged
 
 param_counts = model.num_scaling_params()
 num_flops_per_token = model.estimate_flops()
@@ -126,39 +135,55 @@ use_compile = args.compile == 1 or (args.compile == -1 and compute.compile)
 train_model = torch.compile(model, dynamic=False) if use_compile else model
 
 # -----------------------------------------------------------------------------
-# Horizon and batch: explicit steps, else a FLOPs budget, else a tokens-per-parameter ratio
+# Batch size, horizon and hyperparameters. They were tuned at d12 on 2^19 tokens per step; a run on D tokens
+# (ratio x scaling params) transfers them from that reference run on D_ref tokens (same ratio and vocab).
+def scaling_params(config):
+    with torch.device("meta"):
+        counts = GPT(config).num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+model_scaling_params = scaling_params(config)
+target_tokens = args.target_param_data_ratio * model_scaling_params
+reference_config = config_for_depth(12, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.window_pattern)
+reference_tokens = args.target_param_data_ratio * scaling_params(reference_config)
+if args.total_batch_size == -1:
+    total_batch_size = auto_batch_size(target_tokens, reference_tokens)
+    print0(f"Batch size: automatic. D = {args.target_param_data_ratio:g} x {model_scaling_params:,} = {target_tokens:,.0f} "
+           f"tokens, d12 reference D_ref = {reference_tokens:,.0f} tokens at 2^19; 2^19 x (D / D_ref)^0.383 = "
+           f"{REFERENCE_BATCH_SIZE * (target_tokens / reference_tokens) ** 0.383:,.0f} -> 2^{round(math.log2(total_batch_size))}")
+else:
+    total_batch_size = args.total_batch_size
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
-if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-    fail(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
-         f"world_size = {world_tokens_per_fwdbwd}")
-grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
+if total_batch_size % world_tokens_per_fwdbwd != 0:
+    fail(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * world_size = "
+         f"{world_tokens_per_fwdbwd}: set --total-batch-size, --device-batch-size or --max-seq-len")
+grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+# Horizon: explicit steps, else a FLOPs budget, else the tokens-per-parameter ratio
 if args.num_iterations > 0:
     num_iterations = args.num_iterations
 elif args.target_flops > 0:
-    num_iterations = round(args.target_flops / (num_flops_per_token * args.total_batch_size))
+    num_iterations = round(args.target_flops / (num_flops_per_token * total_batch_size))
 else:
-    scaling_params = param_counts["transformer_matrices"] + param_counts["lm_head"]
-    num_iterations = round(args.target_param_data_ratio * scaling_params / args.total_batch_size)
+    num_iterations = round(target_tokens / total_batch_size)
 num_iterations = max(num_iterations, 1)
-total_tokens = args.total_batch_size * num_iterations
-print0(f"Batch: {args.total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} x "
+total_tokens = total_batch_size * num_iterations
+print0(f"Batch: {total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} x "
        f"{world_size} ranks x {grad_accum_steps} accumulation steps")
 print0(f"Horizon: {num_iterations:,} steps, {total_tokens:,} tokens, {num_flops_per_token * total_tokens:e} FLOPs")
 if resuming:
     check_resume_step(args.resume_from_step, num_iterations)
 
 # -----------------------------------------------------------------------------
-# Optimizer. LRs were tuned at 2^19 tokens/step: scale by sqrt(batch / 2^19) for other batch sizes.
-# Weight decay was tuned at depth 12; deeper models want less, by (12/depth)^2.
-batch_lr_scale = (args.total_batch_size / 2**19) ** 0.5
-weight_decay = args.weight_decay * (12 / args.depth) ** 2
-optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * batch_lr_scale,
-                                  embedding_lr=args.embedding_lr * batch_lr_scale,
-                                  matrix_lr=args.matrix_lr * batch_lr_scale,
-                                  weight_decay=weight_decay,
-                                  adam_betas=(args.adam_beta1, args.adam_beta2),
-                                  scalar_lr=args.scalar_lr * batch_lr_scale)
+# Optimizer: every LR scales by sqrt(batch / 2^19); Muon's weight decay transfers by batch and tokens
+lr_scale = batch_lr_scale(total_batch_size)
+weight_decay = transfer_weight_decay(args.weight_decay, total_batch_size, target_tokens, reference_tokens)
+lrs = {f"{name}_lr": getattr(args, f"{name}_lr") * lr_scale for name in ("embedding", "unembedding", "matrix", "scalar")}
+print0(f"LRs x {lr_scale:.4f} (batch scale): " + ", ".join(f"{name} {lr:.6g}" for name, lr in lrs.items()) +
+       f"; Muon weight decay {weight_decay:.6g} (--weight-decay={args.weight_decay} x batch scale x D_ref / D = "
+       f"{reference_tokens / target_tokens:.4g})")
+optimizer = model.setup_optimizer(**lrs, weight_decay=weight_decay)
 if resuming:
     optimizer.load_state_dict(optimizer_data)
     del optimizer_data
@@ -207,11 +232,11 @@ def print_samples():
 
 def save(step, val_bpb):
     meta = {"step": step, "val_bpb": val_bpb, "model_config": asdict(config), "user_config": user_config,
+            "finished": step == num_iterations,  # the run's end: a re-run pipeline skips this stage
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
             "dataloader_state_dict": dataloader_state, "loop_state": loop_state,
             # the batch size and LRs (batch-scaled) this run trained with: chat_sft continues with them
-            "resolved": {"total_batch_size": args.total_batch_size, **{f"{name}_lr": getattr(args, f"{name}_lr") * batch_lr_scale
-                                                                       for name in ("embedding", "unembedding", "matrix", "scalar")}}}
+            "resolved": {"total_batch_size": total_batch_size, **lrs, "weight_decay": weight_decay}}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
     print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
     if master_process and args.keep_last:
@@ -227,7 +252,7 @@ ema_beta = 0.9  # smoothing of the logged train loss
 model.train()
 while True:
     last_step = step == num_iterations
-    flops_so_far = num_flops_per_token * args.total_batch_size * step
+    flops_so_far = num_flops_per_token * total_batch_size * step
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         val_bpb = evaluate_val_bpb()
@@ -259,12 +284,12 @@ while True:
     synchronize(device_type)
     t0 = time.time()
     for micro_step in range(grad_accum_steps):
-        loss = train_model(x, y)
+        loss = train_model(x, y)  # mean over the trained targets; 0 (not NaN) for a micro-batch without any
         train_loss = loss.detach()
         scaler.scale_loss(loss / grad_accum_steps).backward()
         x, y, dataloader_state = next(train_loader)  # fetch the next batch while the device works
-    lrm = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    apply_schedules(optimizer, lrm, muon_momentum=get_muon_momentum(step),
+    lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+    apply_schedules(optimizer, lrm, muon_momentum=get_muon_momentum(step, num_iterations, args.warmdown_ratio),
                     muon_weight_decay=get_weight_decay(step, num_iterations, weight_decay))
     scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
@@ -272,14 +297,23 @@ while True:
     synchronize(device_type)
     dt = time.time() - t0
     step += 1
+    # Python's cycle collector would otherwise pause training now and then to scan every object alive
+    # (the model, compiled code, the loader): after this process's first step, freeze those out of its
+    # view and collect by hand, rarely, for the little cyclic garbage a step leaves.
+    if gc.isenabled():
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
 
     # logging
     loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss
     debiased_loss = loop_state["smooth_train_loss"] / (1 - ema_beta ** step)
     if step > 10:  # the first steps include compilation and warmup; keep them out of the timing
         loop_state["total_training_time"] += dt
-    tok_per_sec = int(args.total_batch_size / dt)
-    mfu = 100 * num_flops_per_token * args.total_batch_size / dt / (peak_flops * world_size)
+    tok_per_sec = int(total_batch_size / dt)
+    mfu = 100 * num_flops_per_token * total_batch_size / dt / (peak_flops * world_size)
     steps_timed = max(step - 10, 1)
     eta = (num_iterations - step) * (loop_state["total_training_time"] / steps_timed if step > 10 else dt)
     epoch = dataloader_state["epoch"]
@@ -287,7 +321,7 @@ while True:
            f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/sec {tok_per_sec:,} | mfu {mfu:.2f} | epoch {epoch} | "
            f"eta {format_duration(eta)}")
     loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
-    wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * args.total_batch_size * step,
+    wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
                    "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
                    "train/mfu": mfu, "train/epoch": epoch})
 

@@ -12,7 +12,8 @@ by the std), and token-level normalisation (the objective is summed over every s
 step, on all ranks, and divided by their number, so long answers are not down-weighted per token).
 Only tokens the model sampled get a gradient: the prompt and the calculator outputs the Engine forced
 in have mask 0. Rank r takes its own questions; rewards are all-reduced for logging. The advantage,
-the loss and its normalisation are nanochat/chat_train.py's.
+the loss and its normalisation are nanochat/chat_train.py's. Sampling is seeded by step and question,
+so a run resumed with --resume-from-step from a --save-every checkpoint samples what it would have.
 The story: args -> init -> model -> optimizer -> data -> loop -> save.
 """
 
@@ -26,7 +27,8 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
-from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
+from nanochat.checkpoint_manager import (load_model, save_checkpoint, find_largest_model, resume_training, check_resume_step,
+                                         prune_checkpoints, STAGE_DIRS)
 from nanochat.chat_train import training_rows, group_advantages, policy_gradient_loss, loss_normaliser
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
@@ -57,6 +59,8 @@ parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K 
 parser.add_argument("--eval-examples", type=positive(int), default=400, help="GSM8K test questions per evaluation")
 parser.add_argument("--eval-samples", type=positive(int), default=4, help="k of pass@k: answers sampled per eval question")
 parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
+parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
@@ -71,6 +75,7 @@ wandb_run = init_wandb(args.run, "nanochat-rl", user_config, master_process)
 # No torch.compile: every step's samples have a different length, and the Engine runs the model eagerly.
 model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
 model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["rl"], model_tag)
 engine = Engine(model, tokenizer)
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                   matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
@@ -85,6 +90,12 @@ num_iterations = args.num_iterations if args.num_iterations > 0 else \
     max(1, args.num_epochs * len(train_task) // args.examples_per_step)
 print0(f"{num_iterations} steps x {args.examples_per_step} questions x {args.num_samples} samples "
        f"({examples_per_rank} questions per rank)")
+resuming = args.resume_from_step != -1
+if resuming:
+    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
+    check_resume_step(args.resume_from_step, num_iterations)
+    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank)
+    scaler.scale, scaler.clean_steps = resume_meta["loss_scale"]  # fp16's dynamic loss scale (unused otherwise)
 
 
 # -----------------------------------------------------------------------------
@@ -131,30 +142,36 @@ def evaluate_pass_at_k():
     return sum_pass1 / max(count, 1), sum_passk / max(count, 1)
 
 
-def save(step):
-    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["rl"], model_tag)
-    meta = {"step": step, "model_config": asdict(model.config), "user_config": user_config, "val_pass_at_k": eval_results,
-            "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta, rank=rank)
+def save(step, finished):
+    meta = {"step": step, "finished": finished, "model_config": asdict(model.config), "user_config": user_config,
+            "val_pass_at_k": eval_results, "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]},
+            "loop_state": loop_state, "loss_scale": [scaler.scale, scaler.clean_steps]}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    if master_process and args.keep_last:
+        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
 
 
 # -----------------------------------------------------------------------------
-# Training loop
-step, eval_results, total_training_time = 0, {}, 0.0
-curve = []
+# Training loop. The data position is the step: step s trains on questions s * examples_per_step onwards.
+step = args.resume_from_step if resuming else 0
+eval_results = resume_meta["val_pass_at_k"] if resuming else {}
+loop_state = resume_meta["loop_state"] if resuming else {"total_training_time": 0.0, "curve": []}
 model.train()
 while True:
     last_step = step == num_iterations
+    resumed_here = step == args.resume_from_step  # evaluated and saved before the interruption: just train on
 
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+    if not resumed_here and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
         pass1, passk = evaluate_pass_at_k()
         eval_results = {"pass@1": pass1, f"pass@{args.eval_samples}": passk}
         print0(f"Step {step:05d} | GSM8K test pass@1 {100 * pass1:.2f}% | pass@{args.eval_samples} {100 * passk:.2f}%")
-        curve.append({"step": step, **eval_results, "time": total_training_time})
+        loop_state["curve"].append({"step": step, **eval_results, "time": loop_state["total_training_time"]})
         wandb_run.log({"step": step, **{f"val/{k}": v for k, v in eval_results.items()}})
 
-    if not args.dry_run and (last_step or (step > 0 and args.save_every > 0 and step % args.save_every == 0)):
-        save(step)
+    if not args.dry_run and (last_step or (step > 0 and not resumed_here and args.save_every > 0
+                                           and step % args.save_every == 0)):
+        save(step, finished=last_step)
 
     if last_step:
         break
@@ -183,7 +200,7 @@ while True:
         rows = slice(first, first + args.device_batch_size)
         token_nll = model(inputs[rows], targets[rows], loss_reduction="none")
         scaler.scale_loss(policy_gradient_loss(token_nll, targets[rows], advantages[rows], normaliser)).backward()
-    lrm = get_lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+    lrm = get_lr_multiplier(step, num_iterations, warmup_steps=0, warmdown_ratio=1.0, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
     scaler.step(optimizer)
     model.zero_grad(set_to_none=True)
@@ -193,23 +210,24 @@ while True:
 
     reward_sum, num_answers, completion_tokens = all_reduce_sum([rewards.sum().item(), rewards.numel(), sum(completion_lengths)])
     mean_reward, mean_length = reward_sum / num_answers, completion_tokens / num_answers
-    total_training_time += dt
-    eta = total_training_time / step * (num_iterations - step)
+    loop_state["total_training_time"] += dt
+    eta = loop_state["total_training_time"] / step * (num_iterations - step)
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | reward {mean_reward:.4f} | "
            f"answer length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | eta {format_duration(eta)}")
-    curve.append({"step": step, "reward": mean_reward, "answer_length": mean_length, "time": total_training_time})
+    loop_state["curve"].append({"step": step, "reward": mean_reward, "answer_length": mean_length,
+                                "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_length": mean_length, "train/lrm": lrm,
                    "train/dt": dt})
 
 # -----------------------------------------------------------------------------
 print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
-print0(f"Total training time: {format_duration(total_training_time)}")
+print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
 if not args.dry_run:
     get_report().log(section="Chat RL", data=[user_config, {
         "Number of iterations": step,
         "DDP world size": world_size,
         **{f"GSM8K test {k}": v for k, v in eval_results.items()},
-        "Total training time": format_duration(total_training_time),
-    }], curve=curve)
+        "Total training time": format_duration(loop_state["total_training_time"]),
+    }], curve=loop_state["curve"])
 wandb_run.finish()
 compute_cleanup()

@@ -15,10 +15,13 @@ this number of ranks, the optimizer's moments come from the source checkpoint. T
 the horizon is one pass over the mixture, or --num-iterations optimizer steps.
 Evaluation: val bpb on the assistant's tokens of held-out conversations, and ChatCORE (chat_eval's
 metric on capped task prefixes) every --chatcore-every steps.
+Checkpoints: every --save-every steps and at the end, with the optimizer state of every rank, each
+rank's data position and the loop state, so --resume-from-step continues exactly the run it was.
 The story: args -> init -> model -> optimizer -> data -> loop -> save.
 """
 
 import os
+import math
 import time
 import argparse
 from dataclasses import asdict
@@ -28,7 +31,8 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
                              get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
-from nanochat.checkpoint_manager import load_model, save_checkpoint, find_largest_model, STAGE_DIRS
+from nanochat.checkpoint_manager import (load_model, save_checkpoint, find_largest_model, resume_training, check_resume_step,
+                                         gather_from_ranks, prune_checkpoints, STAGE_DIRS)
 from nanochat.chat_train import conversation_batches, loss_normaliser, load_optimizer_state
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
@@ -62,6 +66,9 @@ parser.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE ev
 parser.add_argument("--chatcore-max-cat", type=int, default=1000, help="problems per multiple-choice task (-1 = all)")
 parser.add_argument("--chatcore-max-gen", type=int, default=24, help="problems per generative task (-1 = all)")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
+parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
+parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
 parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
@@ -80,6 +87,7 @@ wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master_process)
 model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
 model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
 source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
+checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], model_tag)
 token_bytes = get_token_bytes(device=device)
 use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
 train_model = torch.compile(model, dynamic=False) if use_compile else model  # every row is T tokens: static shapes
@@ -107,18 +115,26 @@ print0(f"Batch: {total_batch_size:,} tokens/step = {device_batch_size} rows x {m
 print0("LRs of the source run: " + ", ".join(f"{name} {lr:.6g}" for name, lr in lrs.items()) +
        f"; fine-tuning starts at {args.init_lr_frac}x")
 
-# The optimizer continues the source run's: its moments already fit this model's gradients.
 optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
-optimizer_state, note = load_optimizer_state(source_dir, source_meta["step"], rank, world_size, device)
-if optimizer_state is not None:
-    try:
-        optimizer.load_state_dict(optimizer_state)
-        note = f"optimizer warm-started from {source_dir} step {source_meta['step']}"
-    except ValueError as e:
-        note = f"the saved optimizer state does not fit this model ({e}); starting a fresh optimizer"
-    del optimizer_state
-print0(f"Note: {note}")
 scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)  # fp16 runs only
+resuming = args.resume_from_step != -1
+if resuming:  # this run's own weights and optimizer, saved at that step
+    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
+    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank)
+    scaler.scale, scaler.clean_steps = resume_meta["loss_scale"]  # fp16's dynamic loss scale (unused otherwise)
+    # an epoch ends where the epoch was finished; an explicit horizon where --num-iterations says
+    check_resume_step(args.resume_from_step, args.num_iterations if args.num_iterations > 0 else
+                      args.resume_from_step if resume_meta["finished"] else math.inf)
+else:  # the optimizer continues the source run's: its moments already fit this model's gradients
+    optimizer_state, note = load_optimizer_state(source_dir, source_meta["step"], rank, world_size, device)
+    if optimizer_state is not None:
+        try:
+            optimizer.load_state_dict(optimizer_state)
+            note = f"optimizer warm-started from {source_dir} step {source_meta['step']}"
+        except ValueError as e:
+            note = f"the saved optimizer state does not fit this model ({e}); starting a fresh optimizer"
+        del optimizer_state
+    print0(f"Note: {note}")
 
 # -----------------------------------------------------------------------------
 # Data
@@ -150,8 +166,9 @@ print0(f"Train mixture: {len(train_dataset):,} conversations ({', '.join(str(len
        f"val mixture: {len(val_dataset):,}")
 
 
-def batches(dataset):
-    return conversation_batches(dataset, tokenizer, device_batch_size, max_seq_len, device, rank, world_size)
+def batches(dataset, resume_state=None):
+    return conversation_batches(dataset, tokenizer, device_batch_size, max_seq_len, device, rank, world_size,
+                                resume_state=resume_state)
 
 
 eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
@@ -182,36 +199,55 @@ def evaluate_chatcore():
     return accuracies
 
 
-def epoch_finished(progress):
-    """Every rank packs at its own pace, so all ranks stop when any of them has seen the whole epoch."""
-    done = torch.tensor(int(progress >= 1.0), device=device)
+def epoch_progress(data_state):
+    """The fraction of the epoch packed into rows. Every rank packs at its own pace: the furthest rank's
+    counts, so all ranks agree on the LR and stop together when any of them has seen the whole epoch."""
+    progress = torch.tensor(min(data_state["epoch_progress"], 1.0), dtype=torch.float64, device=device)
     if ddp:
-        dist.all_reduce(done, op=dist.ReduceOp.MAX)
-    return bool(done.item())
+        dist.all_reduce(progress, op=dist.ReduceOp.MAX)
+    return progress.item()
+
+
+def save(step, finished):
+    # every rank's data position (each packs its own conversations), gathered here: all ranks call save
+    meta = {"step": step, "finished": finished, "val_bpb": val_bpb, "chatcore": chatcore_results,
+            "model_config": asdict(model.config), "user_config": user_config, "device_batch_size": device_batch_size,
+            "max_seq_len": max_seq_len, "resolved": {"total_batch_size": total_batch_size, **lrs},
+            "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]},
+            "loop_state": loop_state, "data_states": gather_from_ranks(data_state),
+            "loss_scale": [scaler.scale, scaler.clean_steps]}
+    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
+    if master_process and args.keep_last:
+        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
 
 
 # -----------------------------------------------------------------------------
 # Training loop. The horizon may be an epoch (its length in steps is unknown until the rows are packed),
 # so the LR schedule runs on progress: the fraction of training done before the step, in thousandths.
 PROGRESS_RESOLUTION = 1000
-train_batches = batches(train_dataset)
-step, val_bpb, chatcore_results = 0, None, None
+step = args.resume_from_step if resuming else 0
+val_bpb, chatcore_results = (resume_meta["val_bpb"], resume_meta["chatcore"]) if resuming else (None, None)
 # Everything the loop carries from step to step (with the model, optimizer and data position, a resume needs it).
-loop_state = {"progress": 0.0, "smooth_train_loss": 0.0, "total_training_time": 0.0, "curve": []}
-data_state = {"truncated": 0}
+loop_state = resume_meta["loop_state"] if resuming else {"progress": 0.0, "smooth_train_loss": 0.0,
+                                                         "total_training_time": 0.0, "curve": []}
+data_state = resume_meta["data_states"][rank] if resuming else None  # this rank's position in the mixture
+train_batches = batches(train_dataset, data_state)
 ema_beta = 0.9  # smoothing of the logged train loss
 model.train()
 while True:
     progress = loop_state["progress"]
-    last_step = step == args.num_iterations if args.num_iterations > 0 else (step > 0 and epoch_finished(progress))
+    last_step = step == args.num_iterations if args.num_iterations > 0 else (step > 0 and progress >= 1.0)
+    resumed_here = step == args.resume_from_step  # evaluated and saved before the interruption: just train on
 
-    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+    if not resumed_here and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
         val_bpb = evaluate_val_bpb()
         print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
         loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
         wandb_run.log({"step": step, "val/bpb": val_bpb})
 
-    if args.chatcore_every >= 0 and step > 0 and (last_step or (args.chatcore_every > 0 and step % args.chatcore_every == 0)):
+    if args.chatcore_every >= 0 and step > 0 and not resumed_here and \
+            (last_step or (args.chatcore_every > 0 and step % args.chatcore_every == 0)):
         accuracies = evaluate_chatcore()
         label, value = chatcore(accuracies)
         chatcore_results = {**accuracies, label: value}
@@ -219,6 +255,10 @@ while True:
                f"multiple-choice/generative task) | " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracies.items()))
         loop_state["curve"].append({"step": step, "chatcore": value, "time": loop_state["total_training_time"]})
         wandb_run.log({"step": step, "chatcore": value, **{f"chatcore/{k}": v for k, v in accuracies.items()}})
+
+    if not args.dry_run and (last_step or (step > 0 and not resumed_here and args.save_every > 0
+                                           and step % args.save_every == 0)):
+        save(step, finished=last_step)
 
     if last_step:
         break
@@ -234,7 +274,7 @@ while True:
         loss = train_model(inputs, targets, loss_reduction="sum") / normaliser
         train_loss += loss.detach()
         scaler.scale_loss(loss).backward()
-    lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_ratio=0.0,
+    lrm = get_lr_multiplier(round(progress * PROGRESS_RESOLUTION), PROGRESS_RESOLUTION, warmup_steps=0,
                             warmdown_ratio=args.warmdown_ratio, final_lr_frac=0.0)
     apply_schedules(optimizer, args.init_lr_frac * lrm, muon_momentum=get_muon_momentum(step))
     scaler.step(optimizer)
@@ -243,7 +283,7 @@ while True:
     synchronize(device_type)
     dt = time.time() - t0
     step += 1
-    progress = step / args.num_iterations if args.num_iterations > 0 else min(data_state["epoch_progress"], 1.0)
+    progress = step / args.num_iterations if args.num_iterations > 0 else epoch_progress(data_state)
     loop_state["progress"] = progress
 
     loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss
@@ -264,12 +304,6 @@ print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
 print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
 print0(f"Conversations longer than a row, truncated to it: {data_state['truncated']:,} (rank 0)")
 if not args.dry_run:
-    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], model_tag)
-    meta = {"step": step, "val_bpb": val_bpb, "chatcore": chatcore_results, "model_config": asdict(model.config),
-            "user_config": user_config, "device_batch_size": device_batch_size, "max_seq_len": max_seq_len,
-            "resolved": {"total_batch_size": total_batch_size, **lrs},
-            "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, meta, rank=rank)  # RL starts a fresh optimizer
     get_report().log(section="Chat SFT", data=[user_config, {
         "Training conversations": len(train_dataset),
         "Number of iterations": step,

@@ -70,7 +70,7 @@ def flat(params):
 
 def train_step(params, optimizer, step, rank_slice):
     idx, targets = batch(step)
-    apply_schedules(optimizer, get_lr_multiplier(step, STEPS, 0.2, 0.5, 0.1))  # lr changes every step
+    apply_schedules(optimizer, get_lr_multiplier(step, STEPS, 1, 0.5, 0.1))  # lr changes every step
     optimizer.zero_grad(set_to_none=True)
     loss_fn(params, idx[rank_slice], targets[rank_slice]).backward()
     optimizer.step()

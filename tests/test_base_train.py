@@ -2,6 +2,7 @@
 import os
 import re
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,41 @@ def test_train_save_resume_exactly(trained_tokenizer_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def scaling_params(model_config):
+    """transformer matrices + lm_head of a model config, counted on meta (no memory)."""
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    return sum(p.numel() for p in model.transformer.h.parameters()) + model.lm_head.weight.numel()
+
+
+@pytest.mark.slow
+def test_automatic_batch_size_is_derived_printed_and_recorded(trained_tokenizer_dir):
+    from nanochat.gpt import config_for_depth
+    args = [a for a in TINY if not a.startswith("--total-batch-size")]
+    log = run(args + ["--device-batch-size=16", "--num-iterations=1", "--eval-every=-1"], trained_tokenizer_dir)
+    meta = json.loads((trained_tokenizer_dir / "base_checkpoints" / "d2" / "meta_000001.json").read_text())
+    config = meta["model_config"]
+    # d12 with the same vocab and shape flags is the reference the defaults were tuned at (2^19 tokens/step)
+    reference = config_for_depth(12, config["vocab_size"], 128, head_dim=64).__dict__
+    ratio = scaling_params(config) / scaling_params(reference)  # the tokens-per-parameter ratio cancels
+    expected = 2 ** round(math.log2(2**19 * ratio**0.383))
+    resolved = meta["resolved"]
+    assert resolved["total_batch_size"] == expected and f"-> 2^{round(math.log2(expected))}" in log
+    assert f"{expected:,} tokens/step = 16 rows x 128 x 1 ranks x {expected // 2048} accumulation steps" in log
+    scale = (expected / 2**19) ** 0.5
+    assert resolved["matrix_lr"] == pytest.approx(0.02 * scale) and resolved["unembedding_lr"] == pytest.approx(0.008 * scale)
+    assert resolved["weight_decay"] == pytest.approx(0.28 * scale / ratio)
+
+
+def test_fp8_on_a_cpu_fails_in_one_line(trained_tokenizer_dir):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(trained_tokenizer_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA)}
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, "--fp8"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("--fp8 needs an NVIDIA GPU"), result.stderr
+
+
 @pytest.mark.slow
 def test_two_ranks_agree_with_grad_accumulation(trained_tokenizer_dir, tmp_path):
     """
@@ -117,7 +153,10 @@ def run_failing(args, base_dir, **env):
     (["--device-batch-size=-4"], "argument --device-batch-size: must be positive, got -4"),
     (["--head-dim=63"], "--head-dim=63 make no valid model: n_embd (189) must split into n_head (3) heads of even size"),
     (["--final-lr-frac=-0.5"], "--final-lr-frac must be >= 0"),
-], ids=["batch-not-a-multiple", "zero-lr", "negative-lr", "negative-batch", "odd-head-size", "negative-final-lr"])
+    (["--total-batch-size=-2"], "--total-batch-size must be a number of tokens or -1 (automatic), got -2"),
+    (["--warmup-steps=-1"], "--warmup-steps must be >= 0"),
+], ids=["batch-not-a-multiple", "zero-lr", "negative-lr", "negative-batch", "odd-head-size", "negative-final-lr",
+        "bad-batch", "negative-warmup"])
 def test_bad_flags_fail_in_one_line(trained_tokenizer_dir, flags, message):
     assert message in run_failing(TINY + flags, trained_tokenizer_dir)
 

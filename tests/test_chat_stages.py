@@ -1,7 +1,8 @@
 """
 End-to-end runs of the chat training stages (chat_sft, chat_rl) on a tiny random model: each
 completes, writes its checkpoint under its stage dir with the source model's config, logs its report
-section, and SFT trains: the last logged loss is well below the first one.
+section, and SFT trains: the last logged loss is well below the first one. Resumed from a --save-every
+checkpoint (one process or two), each ends on the same bits as the run that was not interrupted.
 
 Why the loss test is meaningful and stable: a freshly initialised model has a near-zero lm_head, so
 its first loss is ln(vocab_size) (uniform guessing). A handful of steps on a small, repeated set of
@@ -11,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -52,21 +54,31 @@ def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs, with_optimizer=False):
     return config
 
 
-def run_stage(module, args, base_dir, timeout=300):
-    """Run `python -m module args` on the CPU, offline, against base_dir; -> its combined output."""
+def run_stage(module, args, base_dir, timeout=300, launcher=(sys.executable,), check=True):
+    """
+    Run `<launcher> -m module args` (launcher: python, torchrun, or the stage wrapper and python) on the
+    CPU, offline, against base_dir; -> its combined output (check=False: the finished process).
+    """
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
            "HF_HUB_OFFLINE": "1",  # MMLU auxiliary_train is hub-only: fail fast to the local stand-in
            "OMP_NUM_THREADS": "1"}  # a tiny model on a shared CPU: extra threads only add contention
-    result = subprocess.run([sys.executable, "-m", module, "--device-type=cpu", *args], cwd=REPO_ROOT, env=env,
+    result = subprocess.run([*launcher, "-m", module, "--device-type=cpu", *args], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
+    if not check:
+        return result
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{module} failed:\n{output[-4000:]}"
     return output
 
 
+def step_log(output, name):
+    """{step: value of '| name X |'} of the per-step log lines."""
+    return {int(s): float(v) for s, v in re.findall(rf"^step (\d+)/.*?\| {name} ([-0-9.naif]+) ", output, flags=re.MULTILINE)}
+
+
 def logged(output, name):
     """Values of '| name X |' in the per-step log lines."""
-    return [float(v) for v in re.findall(rf"^step \d+/.*?\| {name} ([-0-9.naif]+) ", output, flags=re.MULTILINE)]
+    return list(step_log(output, name).values())
 
 
 def read_meta(checkpoint_dir, step):
@@ -140,3 +152,113 @@ def test_chat_rl_logs_finite_reward(base_dir, tiny_tokenizer):
     meta = read_meta(base_dir / "chatrl_checkpoints" / MODEL_TAG, 2)
     assert meta["model_config"] == asdict(config)
     assert set(meta["val_pass_at_k"]) == {"pass@1", "pass@2"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume: one run against the same run interrupted after a --save-every checkpoint and resumed from it
+
+
+def copy_interrupted_run(base_dir, new_dir, stage_dirs, stage_dir, step):
+    """new_dir: the tokenizer, the source checkpoints and, of stage_dir, only `step` (as if the run died after it)."""
+    shutil.copytree(base_dir / "tokenizer", new_dir / "tokenizer")
+    for source_dir in stage_dirs:
+        shutil.copytree(base_dir / source_dir, new_dir / source_dir)
+    (new_dir / stage_dir / MODEL_TAG).mkdir(parents=True)
+    for path in (base_dir / stage_dir / MODEL_TAG).glob(f"*_{step:06d}*"):
+        shutil.copy(path, new_dir / stage_dir / MODEL_TAG / path.name)
+
+
+def assert_same_final_checkpoint(dir_a, dir_b, step, rank=0):
+    a, b = torch.load(dir_a / f"model_{step:06d}.pt"), torch.load(dir_b / f"model_{step:06d}.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit-identical on CPU
+    a, b = torch.load(dir_a / f"optim_{step:06d}_rank{rank}.pt"), torch.load(dir_b / f"optim_{step:06d}_rank{rank}.pt")
+    for index in a["state"]:
+        for key, value in a["state"][index].items():
+            assert torch.equal(value, b["state"][index][key]) if torch.is_tensor(value) else value == b["state"][index][key]
+    # the same meta, but for the flags (one has --resume-from-step) and the times
+    comparable = lambda meta: {**meta, "user_config": None, "loop_state": {
+        **meta["loop_state"], "total_training_time": None, "curve": [{**p, "time": None} for p in meta["loop_state"]["curve"]]}}
+    assert comparable(read_meta(dir_a, step)) == comparable(read_meta(dir_b, step))
+
+
+@pytest.mark.slow
+def test_chat_sft_resumes_exactly_where_it_was_saved(base_dir, tiny_tokenizer, tmp_path):
+    """An epoch horizon (the LR follows the packed fraction of the mixture, the packer holds conversations
+    between steps): the resumed run must rebuild all of it to end on the same bits."""
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"], with_optimizer=True)
+    args = ["--max-seq-len=128", "--max-examples-per-task=3", "--warmdown-ratio=1.0", "--eval-every=2", "--eval-tokens=512",
+            "--chatcore-every=-1", "--save-every=2"]
+    output = run_stage("scripts.chat_sft", args, base_dir)
+    checkpoints = base_dir / "chatsft_checkpoints" / MODEL_TAG
+    last = max(int(p.name[5:11]) for p in checkpoints.glob("meta_*.json"))
+    assert last >= 5 and (checkpoints / "meta_000002.json").exists()  # a few steps past the resume point
+    meta2 = read_meta(checkpoints, 2)
+    assert not meta2["finished"] and read_meta(checkpoints, last)["finished"]
+    assert 0 < meta2["loop_state"]["progress"] < 1 and meta2["data_states"][0]["pending"]
+
+    resumed_dir = tmp_path / "resumed"
+    copy_interrupted_run(base_dir, resumed_dir, ["base_checkpoints"], "chatsft_checkpoints", 2)
+    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir)
+    full, again = step_log(output, "loss"), step_log(resumed, "loss")
+    assert sorted(again) == list(range(3, last + 1))
+    assert {s: full[s] for s in again} == again
+    assert_same_final_checkpoint(checkpoints, resumed_dir / "chatsft_checkpoints" / MODEL_TAG, last)
+
+    # The end of the run cannot be resumed: the same one-line refusal as pretraining
+    refused = run_stage("scripts.chat_sft", args + [f"--resume-from-step={last}"], base_dir, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"Cannot resume from step {last}: this run ends at step {last}" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_chat_sft_resumes_exactly_on_two_ranks(base_dir, tiny_tokenizer, tmp_path):
+    """Each rank packs its own conversations: the checkpoint holds both ranks' data positions and
+    optimizer shards, and the resumed pair of processes ends on the same bits as the uninterrupted pair."""
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])  # a 1-process optimizer state: a fresh one
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["--max-seq-len=128", "--device-batch-size=1", "--total-batch-size=512", "--max-examples-per-task=3",
+            "--warmdown-ratio=1.0", "--eval-every=-1", "--eval-tokens=256", "--chatcore-every=-1", "--save-every=2"]
+    output = run_stage("scripts.chat_sft", args, base_dir, launcher=torchrun)
+    checkpoints = base_dir / "chatsft_checkpoints" / MODEL_TAG
+    last = max(int(p.name[5:11]) for p in checkpoints.glob("meta_*.json"))
+    data_states = read_meta(checkpoints, 2)["data_states"]
+    assert last >= 4 and len(data_states) == 2 and data_states[0]["cursor"] % 2 == 0 and data_states[1]["cursor"] % 2 == 1
+
+    resumed_dir = tmp_path / "resumed"
+    copy_interrupted_run(base_dir, resumed_dir, ["base_checkpoints"], "chatsft_checkpoints", 2)
+    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir, launcher=torchrun)
+    full, again = step_log(output, "loss"), step_log(resumed, "loss")
+    assert sorted(again) == list(range(3, last + 1)) and again == {s: full[s] for s in again}
+    for rank in (0, 1):
+        assert_same_final_checkpoint(checkpoints, resumed_dir / "chatsft_checkpoints" / MODEL_TAG, last, rank)
+
+
+@pytest.mark.slow
+def test_chat_rl_resumes_exactly_and_a_rerun_skips_it(base_dir, tiny_tokenizer, tmp_path):
+    """
+    Interrupted after step 2, the run script's way of continuing (the stage wrapper) resumes from step 2 and
+    ends on the same bits; run again, it skips the finished stage. A random model earns no reward, so
+    the policy gradient is 0: weight decay moves the weights instead, by the step's LR, and the sampled
+    answers (their lengths are logged) depend on those weights and on the step's seeds.
+    """
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["chatsft_checkpoints"])
+    args = ["--num-iterations=4", "--examples-per-step=2", "--num-samples=2", "--device-batch-size=2", "--max-new-tokens=8",
+            "--eval-every=2", "--eval-examples=2", "--eval-samples=2", "--weight-decay=0.5", "--save-every=2"]
+    output = run_stage("scripts.chat_rl", args, base_dir)
+    checkpoints = base_dir / "chatrl_checkpoints" / MODEL_TAG
+    before, after = torch.load(checkpoints / "model_000002.pt"), torch.load(checkpoints / "model_000004.pt")
+    assert not all(torch.equal(before[key], after[key]) for key in before)  # steps 3 and 4 changed the model
+
+    resumed_dir = tmp_path / "resumed"
+    copy_interrupted_run(base_dir, resumed_dir, ["chatsft_checkpoints"], "chatrl_checkpoints", 2)
+    stage = [sys.executable, "-m", "nanochat.checkpoint_manager", "rl", MODEL_TAG, sys.executable]
+    resumed = run_stage("scripts.chat_rl", args, resumed_dir, launcher=stage)
+    assert "rl d2: resuming from step 2" in resumed
+    full, again = step_log(output, "answer length"), step_log(resumed, "answer length")
+    assert sorted(again) == [3, 4] and again == {s: full[s] for s in again}
+    assert_same_final_checkpoint(checkpoints, resumed_dir / "chatrl_checkpoints" / MODEL_TAG, 4)
+
+    rerun = run_stage("scripts.chat_rl", args, resumed_dir, launcher=stage)
+    assert "rl d2: finished at step 4" in rerun and not step_log(rerun, "reward")

@@ -4,6 +4,7 @@ reference, best-fit packing of conversations against a simple scan packer writte
 normaliser (token-level mean over a step; a fully masked micro-batch gives 0 and no NaN), the
 optimizer warm-start rules, and RL's group advantages and masked policy-gradient loss.
 """
+import json
 import random
 
 import pytest
@@ -135,6 +136,24 @@ def test_rank_r_of_2_packs_conversations_r_r_plus_2_and_so_on(tiny_tokenizer):
             for row in range(2):
                 expected_inputs, expected_targets = reference_row(*reference.take_row(), seq_len, pad_id)
                 assert inputs[row].tolist() == expected_inputs and targets[row].tolist() == expected_targets
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resuming_from_a_state_continues_with_exactly_the_same_batches(tiny_tokenizer, rank):
+    """A state taken after any batch (through JSON, as a checkpoint stores it) restarts the loader on the
+    batches the uninterrupted loader yields next: same rows, same pending conversations, same counts."""
+    conversations = mixed_conversations()
+    make = lambda state=None: conversation_batches(conversations, tiny_tokenizer, 3, 63, "cpu", rank=rank, world_size=2,
+                                                   buffer_size=8, resume_state=state)
+    uninterrupted = [next(loader) for loader in [make()] for _ in range(12)]  # past one pass over this rank's 40
+    for k in (1, 5, 11):
+        state = json.loads(json.dumps(uninterrupted[k - 1][2]))
+        assert len(state["pending"]) > 0  # the packer holds conversations the resumed loader must rebuild
+        resumed = make(state)
+        for inputs, targets, expected_state in uninterrupted[k:]:
+            got_inputs, got_targets, got_state = next(resumed)
+            assert torch.equal(got_inputs, inputs) and torch.equal(got_targets, targets)
+            assert got_state == expected_state
 
 
 def test_a_conversation_longer_than_a_row_fills_one_row_truncated(tiny_tokenizer):

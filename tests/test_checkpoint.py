@@ -384,3 +384,64 @@ def test_resume_step_must_be_before_the_end():
     for step in (5, 9, -2):
         with pytest.raises(UserError, match=f"Cannot resume from step {step}: this run ends at step 5"):
             cm.check_resume_step(step, 5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming a training run, and re-running a pipeline stage by stage
+
+def test_resume_training_restores_model_and_optimizer(tmp_path):
+    torch.manual_seed(0)
+    model = make_model(64)
+    optimizer = model.setup_optimizer()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    cm.save_checkpoint(str(tmp_path), 1, model.state_dict(), optimizer.state_dict(), {**meta_for(model, 1), "loop_state": {"x": 1}})
+
+    fresh = make_model(64, seed=1)
+    fresh_optimizer = fresh.setup_optimizer()
+    meta = cm.resume_training(str(tmp_path), 1, fresh, fresh_optimizer, "cpu")
+    assert meta["loop_state"] == {"x": 1}
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, loaded["state"][index][key]) if torch.is_tensor(value) else value == loaded["state"][index][key]
+
+    # A shard of a 2-process run: this process holds only half of the optimizer, so it must refuse
+    torch.save({**saved, "world_size": 2}, cm.optim_path(str(tmp_path), 1, 0))
+    with pytest.raises(UserError, match="saved by 2 process\\(es\\) and this run has 1: .* resume with 2"):
+        cm.resume_training(str(tmp_path), 1, fresh, fresh_optimizer, "cpu")
+
+
+def run_stage_cli(*args):
+    command = [sys.executable, "-c", "import sys; print('trained with', sys.argv[1:])", "--depth=2"]
+    return subprocess.run([sys.executable, "-m", "nanochat.checkpoint_manager", *args, *command], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_stage_runs_fresh_resumes_when_interrupted_and_skips_when_finished(base_dir):
+    checkpoint_dir = str(base_dir / "chatsft_checkpoints" / "d2")
+    result = run_stage_cli("sft", "d2")  # nothing saved yet: the command as given
+    assert result.returncode == 0 and result.stdout == "trained with ['--depth=2']\n"
+
+    for step in (2, 4):
+        cm.save_checkpoint(checkpoint_dir, step, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": step, "finished": False})
+    cm.save_checkpoint(checkpoint_dir, 6, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": 6})  # being saved: no meta yet
+    os.remove(cm.meta_path(checkpoint_dir, 6))
+    result = run_stage_cli("sft", "d2")
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[-1] == "trained with ['--depth=2', '--resume-from-step=4']"
+
+    cm.save_checkpoint(checkpoint_dir, 6, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": 6, "finished": True})
+    result = run_stage_cli("sft", "d2")
+    assert result.returncode == 0 and "trained with" not in result.stdout
+    assert f"sft d2: finished at step 6 in {checkpoint_dir}, skipping it" in result.stdout
+
+    # Neither finished nor resumable (no optimizer state): say so instead of guessing
+    cm.save_checkpoint(checkpoint_dir, 8, {"w": torch.ones(1)}, None, {"step": 8, "finished": False})
+    result = run_stage_cli("sft", "d2")
+    assert result.returncode == 1 and "trained with" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1].endswith(f"delete {checkpoint_dir} to train that stage again")
+    assert len(result.stderr.strip().splitlines()) == 1

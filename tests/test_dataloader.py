@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -92,6 +93,7 @@ def test_packer_matches_brute_force_scan(seed):
             for _ in range(600)]
     fast, scan = BestFitPacker(row_len), ScanPacker(row_len)
     next_doc, rows_fast, rows_scan = 0, [], []
+    row = np.full(row_len, -7, dtype=np.int64)  # one buffer for every row: each must overwrite all of it
     while True:  # the loader's refill policy: enough docs to choose from, and enough tokens for a row
         while (len(fast) < buffer_size or fast.buffered_tokens < row_len) and next_doc < len(docs):
             fast.add(docs[next_doc])
@@ -99,7 +101,8 @@ def test_packer_matches_brute_force_scan(seed):
             next_doc += 1
         if fast.buffered_tokens < row_len:
             break
-        rows_fast.append(fast.take_row())
+        assert fast.take_row(out=row) is row
+        rows_fast.append(row.tolist())
         rows_scan.append(scan.take_row())
     assert rows_fast == rows_scan and len(rows_fast) > 50
     assert all(len(row) == row_len and row[0] == 0 for row in rows_fast)

@@ -376,25 +376,25 @@ def test_setup_optimizer_groups():
     config = tiny_config(n_embd=128, n_head=4, n_kv_head=2)
     model = build_model(config)
     optimizer = model.setup_optimizer(unembedding_lr=0.01, embedding_lr=0.3, matrix_lr=0.05, weight_decay=0.2,
-                                      adam_betas=(0.7, 0.9), scalar_lr=0.4)
+                                      scalar_lr=0.4)
     assert isinstance(optimizer, MuonAdamW)
     scale = (128 / 768) ** -0.5
     groups = optimizer.param_groups
-    adamw = [(g["params"], g["lr"], g["betas"]) for g in groups if g["kind"] == "adamw"]
+    adamw = [(g["params"], g["lr"], g["betas"], g["weight_decay"]) for g in groups if g["kind"] == "adamw"]
     assert adamw == [
-        ([model.lm_head.weight], pytest.approx(0.01 * scale), (0.7, 0.9)),
-        ([model.transformer.wte.weight], pytest.approx(0.3 * scale), (0.7, 0.9)),
-        (list(model.value_embeds.parameters()), pytest.approx(0.3 * scale), (0.7, 0.9)),
-        ([model.resid_lambdas], pytest.approx(0.4 * 0.01), (0.7, 0.9)),
-        ([model.x0_lambdas], pytest.approx(0.4), (0.96, 0.95)),
+        ([model.lm_head.weight], pytest.approx(0.01 * scale), (0.8, 0.96), 0.01),
+        ([model.transformer.wte.weight], pytest.approx(0.3 * scale), (0.8, 0.995), 0.001),
+        (list(model.value_embeds.parameters()), pytest.approx(0.5 * 0.3 * scale), (0.8, 0.995), 0.01),
+        ([model.resid_lambdas], pytest.approx(0.4 * 0.01), (0.8, 0.95), 0.05),
+        ([model.x0_lambdas], pytest.approx(0.4), (0.96, 0.95), 0.0),
     ]
-    assert all(g["eps"] == 1e-10 and g["weight_decay"] == 0.0 for g in groups if g["kind"] == "adamw")
+    assert all(g["eps"] == 1e-10 for g in groups if g["kind"] == "adamw")
     muon = [g for g in groups if g["kind"] == "muon"]
     matrices = list(model.transformer.h.parameters())
     assert len(muon) == len({p.shape for p in matrices})  # one group per distinct shape
     for g in muon:
         assert len({p.shape for p in g["params"]}) == 1
-        assert (g["lr"], g["momentum"], g["ns_steps"], g["beta2"], g["weight_decay"]) == (0.05, 0.95, 5, 0.95, 0.2)
+        assert (g["lr"], g["momentum"], g["ns_steps"], g["beta2"], g["weight_decay"]) == (0.05, 0.95, 5, 0.9, 0.2)
     assert all(g["initial_lr"] == g["lr"] for g in groups)
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter exactly once

@@ -1,7 +1,8 @@
 """
 MuonAdamW / DistMuonAdamW against simple references written here: a textbook AdamW, a per-matrix
-Muon (momentum, Polar Express from SPEC §4, NorMuon, cautious weight decay), the SVD polar factor,
-the single-process optimizer (for the distributed one, under torchrun), and hand-computed schedules.
+Muon (momentum, row equalisation, Polar Express, norm restoration, NorMuon, cautious weight decay), the
+SVD polar factor, the single-process optimizer (for the distributed one, under torchrun), hand-computed
+schedules, and the batch-size rule's table.
 """
 
 import math
@@ -20,16 +21,21 @@ from nanochat.optim import (
     GradScaler,
     MuonAdamW,
     apply_schedules,
+    auto_batch_size,
+    batch_lr_scale,
+    equalize_rows,
     get_lr_multiplier,
     get_muon_momentum,
     get_weight_decay,
     polar_express,
+    restore_norm,
+    transfer_weight_decay,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Transcribed from SPEC §4, independently of nanochat/optim.py.
-SPEC_COEFFS = [
+# The published Polar Express coefficients, transcribed independently of nanochat/optim.py.
+PUBLISHED_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -91,10 +97,10 @@ def test_adamw_matches_textbook_including_bf16_param():
 
 
 def reference_orthogonalize(G):
-    """SPEC §4 step 2 on one matrix, written out plainly."""
+    """Polar Express on one matrix, written out plainly."""
     X = G.T if G.shape[0] > G.shape[1] else G
-    X = X / (X.norm() * 1.02 + 1e-6)
-    for a, b, c in SPEC_COEFFS:
+    X = X / (X.norm() * 1.01 + 1e-6)
+    for a, b, c in PUBLISHED_COEFFS:
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if G.shape[0] > G.shape[1] else X
@@ -123,12 +129,20 @@ def test_polar_express_bf16_matches_fp32_band():
     assert sv.min() > 0.82 and sv.max() < 1.18  # bf16 rounding widens the band by ~0.01-0.02
 
 
+def reference_equalize_rows(G):
+    """MuonEq on one matrix: every row rescaled to the RMS of the row norms, one row at a time."""
+    row_norms = [row.norm() for row in G]
+    rms = math.sqrt(sum(n.item() ** 2 for n in row_norms) / len(row_norms))
+    return torch.stack([row * (rms / n) for row, n in zip(G, row_norms)])
+
+
 def reference_muon_step(p, g, state, lr, momentum, wd, beta2):
     """One Muon step on one matrix; returns the new p. state: buf (rows, cols), v (factored)."""
     rows, cols = p.shape
     state["buf"] = momentum * state["buf"] + (1 - momentum) * g
     u = (1 - momentum) * g + momentum * state["buf"]
-    O = reference_orthogonalize(u)
+    O = reference_orthogonalize(reference_equalize_rows(u))
+    O = O * math.sqrt(min(rows, cols)) / O.norm()  # Muon+: the Frobenius norm of an exact orthogonal factor
     mean_sq = (O**2).mean(dim=1, keepdim=True) if rows >= cols else (O**2).mean(dim=0, keepdim=True)
     state["v"] = beta2 * state["v"] + (1 - beta2) * mean_sq
     scaled = O / state["v"].sqrt()
@@ -142,7 +156,7 @@ def reference_muon_step(p, g, state, lr, momentum, wd, beta2):
 def test_muon_matches_per_matrix_reference(shape):
     torch.manual_seed(3)
     params = [leaf(torch.randn(*shape) * 0.1) for _ in range(3)]
-    group = dict(kind="muon", params=params, lr=0.02, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.5)
+    group = dict(kind="muon", params=params, lr=0.02, momentum=0.9, ns_steps=5, beta2=0.9, weight_decay=0.5)
     optimizer = MuonAdamW([group])
     ref_p = [p.detach().clone() for p in params]
     factored = (shape[0], 1) if shape[0] >= shape[1] else (1, shape[1])
@@ -152,11 +166,32 @@ def test_muon_matches_per_matrix_reference(shape):
         apply_schedules(optimizer, lrm, muon_momentum=momentum)
         for i, p in enumerate(params):
             p.grad = torch.randn(shape) * 0.1
-            ref_p[i] = reference_muon_step(ref_p[i], p.grad.clone(), ref_state[i], 0.02 * lrm, momentum, 0.5, 0.95)
+            ref_p[i] = reference_muon_step(ref_p[i], p.grad.clone(), ref_state[i], 0.02 * lrm, momentum, 0.5, 0.9)
         optimizer.step()
         for p, ref in zip(params, ref_p):
             torch.testing.assert_close(p.detach(), ref, rtol=1e-4, atol=2e-6)
     assert any((r.abs() < 1e-2).any() for r in ref_p)  # decay touched small coordinates, so the mask mattered
+
+
+def test_equalize_rows_and_restore_norm_against_their_definitions():
+    torch.manual_seed(5)
+    G = torch.randn(3, 12, 20) * torch.logspace(-3, 3, 12)[:, None]  # row norms over six decades
+    equalized = equalize_rows(G)
+    for g, e in zip(G, equalized):
+        torch.testing.assert_close(e, reference_equalize_rows(g), rtol=1e-5, atol=0)
+    row_norms = equalized.norm(dim=-1)
+    torch.testing.assert_close(row_norms, row_norms[:, :1].expand_as(row_norms), rtol=1e-5, atol=0)  # all equal
+    torch.testing.assert_close(equalized.norm(dim=(-2, -1)), G.norm(dim=(-2, -1)), rtol=1e-5, atol=0)  # norm kept
+    for shape in [(12, 20), (20, 12)]:
+        X = torch.randn(2, *shape) * 7
+        restored = restore_norm(X)
+        torch.testing.assert_close(restored.norm(dim=(-2, -1)), torch.full((2,), math.sqrt(12.0)))
+        torch.testing.assert_close(restored / restored.norm(dim=(-2, -1), keepdim=True), X / X.norm(dim=(-2, -1), keepdim=True))
+    # zero matrices and rows (the distributed optimizer's padding) stay exactly zero
+    zeros = torch.zeros(1, 4, 6)
+    assert torch.equal(equalize_rows(zeros), zeros) and torch.equal(restore_norm(polar_express(zeros, 5)), zeros)
+    G[0, 3] = 0
+    assert torch.equal(equalize_rows(G)[0, 3], torch.zeros(20))
 
 
 # ------------------------------------------------------------------ state dict round trip
@@ -244,7 +279,7 @@ def test_disabled_grad_scaler_is_a_pass_through():
     assert scaler.scale_loss(loss) is loss
     optimizer, reference_optimizer = MuonAdamW(mixed_groups(params)), MuonAdamW(mixed_groups(reference))
     for p, q in zip(params, reference):
-        p.grad = q.grad = torch.ones_like(p) * 1e30  # no check for inf either: bf16/fp32 have the range
+        p.grad = q.grad = torch.ones_like(p) * 1e6  # past fp16's range, no overflow check: bf16/fp32 have the range
     assert scaler.step(optimizer) is True
     reference_optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(params, reference))
@@ -302,19 +337,27 @@ def test_dist_state_from_other_world_size_is_refused(monkeypatch):
 
 
 def test_schedules_against_hand_values():
-    # 100 steps, 10 warmup, 40 warmdown: ramps 0.1..1.0, flat until step 60, then linear to final_lr_frac.
-    assert get_lr_multiplier(0, 100, 0.1, 0.4, 0.0) == pytest.approx(0.1)
-    assert get_lr_multiplier(9, 100, 0.1, 0.4, 0.0) == pytest.approx(1.0)
-    assert get_lr_multiplier(60, 100, 0.1, 0.4, 0.0) == pytest.approx(1.0)
-    assert get_lr_multiplier(80, 100, 0.1, 0.4, 0.0) == pytest.approx(0.5)
-    assert get_lr_multiplier(80, 100, 0.1, 0.4, 0.2) == pytest.approx(0.6)
-    assert get_lr_multiplier(100, 100, 0.0, 0.4, 0.2) == pytest.approx(0.2)
+    # 100 steps, 10 warmup steps, 40 warmdown: ramps 0.1..1.0, flat until step 60, then linear to final_lr_frac.
+    assert get_lr_multiplier(0, 100, 10, 0.4, 0.0) == pytest.approx(0.1)
+    assert get_lr_multiplier(9, 100, 10, 0.4, 0.0) == pytest.approx(1.0)
+    assert get_lr_multiplier(60, 100, 10, 0.4, 0.0) == pytest.approx(1.0)
+    assert get_lr_multiplier(80, 100, 10, 0.4, 0.0) == pytest.approx(0.5)
+    assert get_lr_multiplier(80, 100, 10, 0.4, 0.2) == pytest.approx(0.6)
+    assert get_lr_multiplier(100, 100, 0, 0.4, 0.2) == pytest.approx(0.2)
+    # momentum: 0.85 -> 0.97 over 400 steps; without a horizon it then holds
     assert get_muon_momentum(0) == pytest.approx(0.85)
-    assert get_muon_momentum(150) == pytest.approx(0.90)
-    assert get_muon_momentum(300) == get_muon_momentum(5000) == pytest.approx(0.95)
+    assert get_muon_momentum(200) == pytest.approx(0.91)
+    assert get_muon_momentum(400) == get_muon_momentum(5000) == pytest.approx(0.97)
+    # with one, it is pulled to 0.90 across the warmdown (here steps 500..1000)
+    assert get_muon_momentum(500, 1000, 0.5) == pytest.approx(0.97)
+    assert get_muon_momentum(750, 1000, 0.5) == pytest.approx(0.935)
+    assert get_muon_momentum(1000, 1000, 0.5) == get_muon_momentum(1200, 1000, 0.5) == pytest.approx(0.90)
+    assert get_muon_momentum(150, 200, 0.5) == pytest.approx(0.5 * (0.85 + 0.12 * 150 / 400) + 0.5 * 0.90)  # mid-ramp
+    # weight decay: cosine from the full value to 0
     assert get_weight_decay(0, 100, 0.2) == pytest.approx(0.2)
-    assert get_weight_decay(25, 100, 0.2) == pytest.approx(0.15)
-    assert get_weight_decay(100, 100, 0.2) == 0.0
+    assert get_weight_decay(25, 100, 0.2) == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)))
+    assert get_weight_decay(50, 100, 0.2) == pytest.approx(0.1)
+    assert get_weight_decay(100, 100, 0.2) == get_weight_decay(150, 100, 0.2) == 0.0
 
     params = make_mixed_model()
     optimizer = MuonAdamW(mixed_groups(params))
@@ -325,17 +368,49 @@ def test_schedules_against_hand_values():
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2, 3, 7, 100])
-@pytest.mark.parametrize("warmup_ratio, warmdown_ratio, final_lr_frac",
-                         [(0.0, 0.4, 0.0), (0.1, 0.4, 0.2), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.5, 0.5, 0.1)])
-def test_schedules_stay_in_range_and_hold_past_the_end(num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+@pytest.mark.parametrize("warmup_steps, warmdown_ratio, final_lr_frac",
+                         [(0, 0.4, 0.0), (1, 0.4, 0.2), (0, 0.0, 0.0), (0, 1.0, 0.0), (40, 0.65, 0.05)])
+def test_schedules_stay_in_range_and_hold_past_the_end(num_iterations, warmup_steps, warmdown_ratio, final_lr_frac):
     """Over the whole run and far past its end (a resumed run, a miscounted horizon): never negative."""
     steps = range(3 * num_iterations + 2)
-    lrms = [get_lr_multiplier(s, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac) for s in steps]
+    lrms = [get_lr_multiplier(s, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac) for s in steps]
     assert all(0.0 <= lrm <= 1.0 for lrm in lrms), lrms
     has_warmdown = round(warmdown_ratio * num_iterations) > 0
-    assert lrms[num_iterations:] == [pytest.approx(final_lr_frac if has_warmdown else 1.0)] * (len(lrms) - num_iterations)
+    if warmup_steps <= num_iterations:
+        assert lrms[num_iterations:] == [pytest.approx(final_lr_frac if has_warmdown else 1.0)] * (len(lrms) - num_iterations)
     decays = [get_weight_decay(s, num_iterations, 0.2) for s in steps]
     assert all(0.0 <= wd <= 0.2 for wd in decays) and decays[num_iterations:] == [0.0] * (len(decays) - num_iterations)
+    momenta = [get_muon_momentum(s, num_iterations, warmdown_ratio) for s in steps]
+    assert all(0.85 <= m <= 0.97 for m in momenta)
+    if has_warmdown:
+        assert momenta[num_iterations:] == [pytest.approx(0.90)] * (len(momenta) - num_iterations)
+
+
+# ------------------------------------------------------------------ batch size and hyperparameter transfer
+
+
+def scaling_tokens(depth, ratio=12, vocab_size=32768):
+    """ratio x (transformer matrices + lm_head) of the model config_for_depth builds, counted on meta."""
+    from nanochat.gpt import GPT, config_for_depth
+    with torch.device("meta"):
+        model = GPT(config_for_depth(depth, vocab_size, sequence_len=2048))
+    return ratio * (sum(p.numel() for p in model.transformer.h.parameters()) + model.lm_head.weight.numel())
+
+
+@pytest.mark.parametrize("depth, batch_size", [(8, 2**18), (10, 2**19), (12, 2**19), (16, 2**19), (18, 2**20),
+                                               (20, 2**20), (24, 2**20), (26, 2**20), (32, 2**21), (40, 2**21)])
+def test_auto_batch_size_table(depth, batch_size):
+    assert auto_batch_size(scaling_tokens(depth), scaling_tokens(12)) == batch_size
+
+
+def test_hyperparameter_transfer_against_hand_values():
+    assert auto_batch_size(10**9, 10**9) == 2**19
+    assert auto_batch_size(2 ** (1 / 0.383) * 10**9, 10**9) == 2**20  # twice the batch at 2^(1/0.383) x the tokens
+    assert batch_lr_scale(2**19) == 1.0 and batch_lr_scale(2**17) == pytest.approx(0.5)
+    # decay timescale kept: 4x the batch doubles the lr, so half the decay per step... and 4x the tokens quarter it
+    assert transfer_weight_decay(0.28, 2**19, 10**9, 10**9) == pytest.approx(0.28)
+    assert transfer_weight_decay(0.28, 2**21, 4 * 10**9, 10**9) == pytest.approx(0.28 * 2 / 4)
+    assert transfer_weight_decay(0.28, 2**12, 10**8, 10**9) == pytest.approx(0.28 * 2 ** -3.5 * 10)
 
 
 # ------------------------------------------------------------------ CUDA
