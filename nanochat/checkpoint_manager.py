@@ -362,18 +362,19 @@ def find_last_step(checkpoint_dir):
 
 
 def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
-    """Pick the tag (largest model) and step (latest) unless given, then build."""
+    """Pick the tag (largest model) and step (latest) unless given, then build -> (model, tokenizer, meta_data,
+    model_tag, step): what was picked comes back, so no caller picks it again."""
     model_tag = model_tag or find_largest_model(checkpoints_dir)
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"No model tag {model_tag!r} in {checkpoints_dir} (have: {sorted(os.listdir(checkpoints_dir))})")
     step = find_last_step(checkpoint_dir) if step is None else step
     logger.info(f"Loading model from {checkpoint_dir} at step {step}")
-    return build_model(checkpoint_dir, step, device, phase)
+    return (*build_model(checkpoint_dir, step, device, phase), model_tag, step)
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """source: base|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints."""
+    """source: base|sft|rl -> (model, tokenizer, meta_data, model_tag, step) from base_dir/<stage>_checkpoints."""
     if source not in STAGE_DIRS:
         raise ValueError(f"source must be one of {sorted(STAGE_DIRS)}, got {source!r}")
     checkpoints_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])

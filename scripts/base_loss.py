@@ -28,7 +28,7 @@ args = parser.parse_args()
 
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
 token_bytes = get_token_bytes(device=device)
 seq_len = model.config.sequence_len
 
@@ -61,7 +61,7 @@ if rank == 0:
         print0(f"  {samples[-1]!r}")
 
 get_report().log(section="Base model loss", data=[
-    {"Source": args.source, "Step": meta["step"], "Tokens per split": steps * tokens_per_step,
+    {"Source": args.source, "Step": step, "Tokens per split": steps * tokens_per_step,
      "train bpb": bpb_results["train"], "val bpb": bpb_results["val"]},
     "Samples:\n" + "\n".join(f"- {sample!r}" for sample in samples),
 ])

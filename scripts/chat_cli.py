@@ -47,7 +47,7 @@ def main():
     args = parser.parse_args()
 
     _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, *_ = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
 
     if not args.prompt:

@@ -7,12 +7,11 @@ how each is scored and the metric are in tasks/chatcore.py.
     torchrun --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 """
 
-import os
 import time
 import argparse
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, positive
-from nanochat.checkpoint_manager import load_model, find_largest_model, STAGE_DIRS
+from nanochat.common import compute_init, compute_cleanup, print0, positive
+from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.stage import add_checkpoint_flags
@@ -42,8 +41,7 @@ def main():
     task_names = parse_task_names(args.task_name)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+    model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
 
     accuracies = {}
@@ -59,7 +57,7 @@ def main():
     print0(f"{label}: {value:.4f}")
     get_report().log(section=f"Chat evaluation {args.source}", data=[
         vars(args),
-        {"model_tag": model_tag, "step": meta["step"]},
+        {"model_tag": model_tag, "step": step},
         {**accuracies, label: value},
     ])
     compute_cleanup()

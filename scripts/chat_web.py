@@ -489,15 +489,13 @@ def main():
     max_batch = args.max_batch or (32 if device_type == "cuda" else 8)
     compile = bool(args.compile) if args.compile >= 0 else device_type == "cuda"
     if device_type == "cuda":
-        replicas = []
-        for i in range(args.num_gpus):
-            model, tokenizer, _ = load_model(args.source, torch.device("cuda", i), phase="eval",
-                                             model_tag=args.model_tag, step=args.step)
+        replicas, model_tag, step = [], args.model_tag, args.step
+        for i in range(args.num_gpus):  # every replica loads the checkpoint the first one picked
+            model, tokenizer, _, model_tag, step = load_model(args.source, torch.device("cuda", i), "eval", model_tag, step)
             replicas.append((model, tokenizer))
     else:
         # CPU/MPS workers share one copy of the weights: inference never writes to them
-        model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval",
-                                         model_tag=args.model_tag, step=args.step)
+        model, tokenizer, *_ = load_model(args.source, torch.device(device_type), "eval", args.model_tag, args.step)
         replicas = [(model, tokenizer)] * args.num_gpus
         if device_type == "cpu":  # leave a core to the event loop that streams the tokens (+20% at 16 clients on 2 cores)
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))

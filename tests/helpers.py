@@ -1,11 +1,13 @@
 """
-Models and servers several test modules share (a test module never imports another): tiny random GPTs, mocks
-that honour the Engine's model contract, and the chat server run for real on a free local port.
+Models, checkpoints and servers several test modules share (a test module never imports another, nor does a
+torchrun worker): tiny random GPTs, mocks that honour the Engine's model contract, the chat server run for real
+on a free local port, the bits-per-byte fixtures and a tiny checkpoint for the chat stages.
 """
 import contextlib
 import socket
 import threading
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -143,3 +145,35 @@ def bpb_batches(seed, num_batches=2):
         y[1, 5], y[2, 7] = BPB_SPECIAL  # special-token targets
         batches.append((x, y))
     return batches
+
+
+# A tiny checkpoint the chat stages start from, as base_train would have left it
+MODEL_TAG = "d2"
+# What base_train records for the stages that continue it (distinctive values, so a test can tell them apart)
+DEVICE_BATCH_SIZE = 2
+RESOLVED = {"total_batch_size": 512, "embedding_lr": 0.25, "unembedding_lr": 0.02, "matrix_lr": 0.03, "scalar_lr": 0.4}
+
+
+def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs, with_optimizer=False):
+    """
+    Save the tokenizer and one tiny random GPT (step 0) under base_dir/<stage_dir>/d2 for each stage dir,
+    with the batch and LRs a base run records, and (with_optimizer) the state of an optimizer that took
+    one step, as base_train saves it.
+    """
+    from nanochat.checkpoint_manager import save_checkpoint
+    tokenizer.save(str(base_dir / "tokenizer"))
+    config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64, window_pattern="L")
+    torch.manual_seed(0)
+    model = build_gpt(config, "cpu")
+    optimizer_data = None
+    if with_optimizer:
+        optimizer = model.setup_optimizer(**{k: v for k, v in RESOLVED.items() if k.endswith("_lr")})
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # a zero step: moments exist, the weights stay those of the fresh model
+        optimizer.step()
+        optimizer_data = optimizer.state_dict()
+    meta = {"step": 0, "model_config": asdict(config), "device_batch_size": DEVICE_BATCH_SIZE, "resolved": RESOLVED}
+    for stage_dir in stage_dirs:
+        save_checkpoint(str(base_dir / stage_dir / MODEL_TAG), 0, model.state_dict(), optimizer_data, meta)
+    return config

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, TEST_DATA, run_torchrun
-from test_chat_stages import make_tiny_checkpoint, MODEL_TAG
+from helpers import MODEL_TAG, make_tiny_checkpoint
 
 import scripts.chat_eval as chat_eval
 from tasks.chatcore import TASKS, run_categorical_eval, chatcore
