@@ -28,7 +28,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, UserError
+from nanochat.common import get_base_dir, print0, UserError
 
 logger = logging.getLogger("nanochat")
 
@@ -202,11 +202,13 @@ def check_resume_step(resume_step, num_iterations):
                         f"from an earlier step, or train for more steps (--num-iterations > {resume_step})")
 
 
-def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0):
+def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0, scaler=None):
     """
     Continue a run from a checkpoint its --save-every wrote: load the weights into the freshly built
-    model and this rank's optimizer shard into its optimizer -> the step's meta (loop and data state).
+    model, this rank's optimizer shard into its optimizer and fp16's loss scale into the scaler -> the step's
+    meta (loop and data state).
     """
+    print0(f"Resuming from step {step} of {checkpoint_dir}")
     model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
     saved_world_size, world_size = optimizer_data.get("world_size", 1), _world_size()
     if saved_world_size != world_size:
@@ -214,6 +216,8 @@ def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0):
                         f"{world_size}: each holds only its shard of the optimizer, so resume with {saved_world_size}")
     model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
     optimizer.load_state_dict(optimizer_data)
+    if scaler is not None:
+        scaler.scale, scaler.clean_steps = meta_data["loss_scale"]
     return meta_data
 
 

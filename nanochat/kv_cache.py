@@ -1,7 +1,4 @@
-"""
-The KV cache of incremental decoding: what the model's attention layers write and read when it runs a few new
-tokens on top of tokens it has already seen (the Engine's decoding, a server's rows, CORE's shared prefixes).
-"""
+"""The KV cache: what attention layers write and read when the model runs new tokens on top of earlier ones."""
 import copy
 
 import torch

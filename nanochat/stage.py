@@ -1,8 +1,4 @@
-"""
-What the stage scripts share, so that each script's own story, its loop, stays in view: the flags of every
-training run, the flags that pick a checkpoint, the run's start (device, ranks, wandb), and the step meter
-behind the per-step log line.
-"""
+"""What the stage scripts share: run and checkpoint flags, the run's start, saving, the step meter."""
 
 from nanochat.checkpoint_manager import prune_checkpoints, save_checkpoint
 from nanochat.common import compute_init, format_duration, init_wandb, positive, print0, print_banner
@@ -61,9 +57,6 @@ class StepMeter:
             self.state["smooth_train_loss"] = 0.9 * self.state["smooth_train_loss"] + 0.1 * loss
             return self.state["smooth_train_loss"] / (1 - 0.9 ** step)
 
-    def tokens_per_second(self, dt):
-        return int(self.tokens_per_step / dt)
-
     def mfu(self, dt):
         """Percent of the peak FLOP/s of all ranks (peak_flops: theirs summed)."""
         return 100 * self.flops_per_token * self.tokens_per_step / dt / self.peak_flops
@@ -78,7 +71,7 @@ class StepMeter:
         """step N/total (progress%) | *before | dt | tok/sec | mfu | *after | eta: what a loop prints after a step."""
         parts = [f"step {step:05d}/{total_steps} ({100 * progress:5.1f}%)", *before, f"dt {dt * 1000:.0f}ms"]
         if self.tokens_per_step:
-            parts.append(f"tok/sec {self.tokens_per_second(dt):,}")
+            parts.append(f"tok/sec {int(self.tokens_per_step / dt):,}")
         if self.flops_per_token:
             parts.append(f"mfu {self.mfu(dt):.2f}")
         return " | ".join([*parts, *after, f"eta {format_duration(self.eta(step, progress, dt))}"])

@@ -69,18 +69,14 @@ args = parser.parse_args()
 user_config = vars(args).copy()
 
 
-def fail(message):
-    parser.error(message)
-
-
 if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
-    fail(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
+    parser.error(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
 if args.total_batch_size == 0 or args.total_batch_size < -1:
-    fail(f"--total-batch-size must be a number of tokens or -1 (automatic), got {args.total_batch_size}")
+    parser.error(f"--total-batch-size must be a number of tokens or -1 (automatic), got {args.total_batch_size}")
 if args.warmup_steps < 0 or not 0 <= args.warmdown_ratio <= 1:
-    fail("--warmup-steps must be >= 0 and --warmdown-ratio within [0, 1]")
+    parser.error("--warmup-steps must be >= 0 and --warmdown-ratio within [0, 1]")
 if args.final_lr_frac < 0:
-    fail(f"--final-lr-frac must be >= 0 (a negative LR would be gradient ascent), got {args.final_lr_frac}")
+    parser.error(f"--final-lr-frac must be >= 0 (a negative LR would be gradient ascent), got {args.final_lr_frac}")
 
 # -----------------------------------------------------------------------------
 # Compute init
@@ -102,7 +98,7 @@ config = config_for_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_
 try:
     check_config(config)
 except ValueError as e:
-    fail(f"--depth={args.depth} --aspect-ratio={args.aspect_ratio} --head-dim={args.head_dim} make no valid model: {e}")
+    parser.error(f"--depth={args.depth} --aspect-ratio={args.aspect_ratio} --head-dim={args.head_dim} make no valid model: {e}")
 model = build_gpt(config, device)
 
 model_tag = args.model_tag or f"d{args.depth}"
@@ -151,7 +147,7 @@ else:
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
 if total_batch_size % world_tokens_per_fwdbwd != 0:
-    fail(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * world_size = "
+    parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * world_size = "
          f"{world_tokens_per_fwdbwd}: set --total-batch-size, --device-batch-size or --max-seq-len")
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
 # Horizon: explicit steps, else a FLOPs budget, else the tokens-per-parameter ratio
@@ -192,10 +188,9 @@ def make_train_loader(resume_state_dict=None):
         resume_state_dict=resume_state_dict)
 
 
-def make_val_batches():
-    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+def make_val_batches():  # (x, y, loader state): evaluate_bpb reads (x, y)
+    return tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
-    return ((x, y) for x, y, _ in loader)
 
 
 eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
@@ -204,13 +199,6 @@ loop_state = meta_data["loop_state"] if resuming else {"min_val_bpb": float("inf
 dataloader_state = meta_data["dataloader_state_dict"] if resuming else None
 train_loader = make_train_loader(dataloader_state)
 x, y, dataloader_state = next(train_loader)  # prefetch the first batch
-
-
-def evaluate_val_bpb():
-    model.eval()
-    bpb = evaluate_bpb(train_model, make_val_batches(), eval_steps, token_bytes)  # the training shapes: compiled too
-    model.train()
-    return bpb
 
 
 def print_samples():
@@ -247,7 +235,7 @@ while True:
     flops_so_far = num_flops_per_token * total_batch_size * step
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        val_bpb = evaluate_val_bpb()
+        val_bpb = evaluate_bpb(train_model, make_val_batches(), eval_steps, token_bytes)  # training shapes: compiled
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
         print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
@@ -307,7 +295,7 @@ while True:
     loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
                    "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": meter.tokens_per_second(dt), "train/mfu": meter.mfu(dt), "train/epoch": epoch})
+                   "train/tok_per_sec": int(total_batch_size / dt), "train/mfu": meter.mfu(dt), "train/epoch": epoch})
 
 # -----------------------------------------------------------------------------
 print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")

@@ -80,10 +80,8 @@ print0(f"{num_iterations} steps x {args.examples_per_step} questions x {args.num
        f"({examples_per_rank} questions per rank)")
 resuming = args.resume_from_step != -1
 if resuming:
-    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
     check_resume_step(args.resume_from_step, num_iterations)
-    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank)
-    scaler.scale, scaler.clean_steps = resume_meta["loss_scale"]  # fp16's dynamic loss scale (unused otherwise)
+    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank, scaler)
 
 
 # -----------------------------------------------------------------------------

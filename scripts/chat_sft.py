@@ -109,9 +109,7 @@ optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
 scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)  # fp16 runs only
 resuming = args.resume_from_step != -1
 if resuming:  # this run's own weights and optimizer, saved at that step
-    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
-    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank)
-    scaler.scale, scaler.clean_steps = resume_meta["loss_scale"]  # fp16's dynamic loss scale (unused otherwise)
+    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank, scaler)
     # an epoch ends where the epoch was finished; an explicit horizon where --num-iterations says
     check_resume_step(args.resume_from_step, args.num_iterations if args.num_iterations > 0 else
                       args.resume_from_step if resume_meta["finished"] else math.inf)
@@ -162,14 +160,6 @@ def batches(dataset, resume_state=None):
 
 
 eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
-
-
-def evaluate_val_bpb():
-    """bpb of the assistant's tokens (the only targets) of the held-out conversations."""
-    model.eval()
-    bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)
-    model.train()
-    return bpb
 
 
 chatcore_tasks = {name: make() for name, (make, _) in TASKS.items()} if args.chatcore_every >= 0 else {}
@@ -228,7 +218,7 @@ while True:
     resumed_here = step == args.resume_from_step  # evaluated and saved before the interruption: just train on
 
     if not resumed_here and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-        val_bpb = evaluate_val_bpb()
+        val_bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)  # the assistant's tokens only
         print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
         loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
         wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -278,7 +268,7 @@ while True:
     print0(meter.line(step, total_steps, progress, dt, before=[f"loss {debiased_loss:.6f}", f"lrm {lrm:.2f}"]))
     loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": meter.tokens_per_second(dt), "train/progress": progress})
+                   "train/tok_per_sec": total_batch_size / dt, "train/progress": progress})
 
 # -----------------------------------------------------------------------------
 print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")

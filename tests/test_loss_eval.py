@@ -70,3 +70,14 @@ def test_bpb_sums_over_ranks(tmp_path):
     dist_bpb = float(output.split("BPB ")[1].split()[0])
     single = evaluate_bpb(bpb_model(), iter(bpb_batches(seed=3, num_batches=2)), 2, bpb_token_bytes())
     assert dist_bpb == pytest.approx(single, rel=1e-6)
+
+
+def test_bpb_evaluates_in_eval_mode_and_restores_the_mode():
+    model, token_bytes, batches = bpb_model(), bpb_token_bytes(), bpb_batches(seed=1)
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    for training in (True, False):
+        model.train(training)
+        evaluate_bpb(model, iter(batches), 2, token_bytes)
+        assert model.training == training
+    assert modes == [False] * 4
