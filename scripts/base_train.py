@@ -147,8 +147,8 @@ else:
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
 if total_batch_size % world_tokens_per_fwdbwd != 0:
-    parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * world_size = "
-         f"{world_tokens_per_fwdbwd}: set --total-batch-size, --device-batch-size or --max-seq-len")
+    parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
+                 f"world_size = {world_tokens_per_fwdbwd}: set --total-batch-size, --device-batch-size or --max-seq-len")
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
 # Horizon: explicit steps, else a FLOPs budget, else the tokens-per-parameter ratio
 if args.num_iterations > 0:

@@ -73,7 +73,6 @@ CHATCORE_MAX_NEW_TOKENS = 256  # room for a worked GSM8K answer; longer ones are
 # -----------------------------------------------------------------------------
 ddp, rank, world_size, device, wandb_run = start_run(args, "nanochat-sft", user_config)
 device_type = device.type
-master_process = rank == 0
 
 model, tokenizer, source_meta, model_tag, source_step = load_model(args.source, device, "train", args.model_tag, args.step)
 source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
