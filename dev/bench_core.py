@@ -59,7 +59,7 @@ def local_texts(max_chars):
 
 
 if args.source:
-    model, tokenizer, _ = load_model(args.source, "cpu", phase="eval")
+    model, tokenizer, *_ = load_model(args.source, "cpu", phase="eval")
 else:
     t0 = time.time()
     tokenizer = RustBPETokenizer.train_from_iterator(local_texts(args.tokenizer_chars), args.vocab_size)

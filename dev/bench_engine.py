@@ -67,7 +67,7 @@ def main():
     device = torch.device(device_type)
     if args.source:
         from nanochat.checkpoint_manager import load_model
-        model, _, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, *_ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     else:
         model = random_model(args.depth, args.head_dim, args.vocab_size, args.max_seq_len, device)
     config = model.config

@@ -28,7 +28,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, UserError
+from nanochat.common import get_base_dir, print0, UserError
 
 logger = logging.getLogger("nanochat")
 
@@ -202,11 +202,13 @@ def check_resume_step(resume_step, num_iterations):
                         f"from an earlier step, or train for more steps (--num-iterations > {resume_step})")
 
 
-def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0):
+def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0, scaler=None):
     """
     Continue a run from a checkpoint its --save-every wrote: load the weights into the freshly built
-    model and this rank's optimizer shard into its optimizer -> the step's meta (loop and data state).
+    model, this rank's optimizer shard into its optimizer and fp16's loss scale into the scaler -> the step's
+    meta (loop and data state).
     """
+    print0(f"Resuming from step {step} of {checkpoint_dir}")
     model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
     saved_world_size, world_size = optimizer_data.get("world_size", 1), _world_size()
     if saved_world_size != world_size:
@@ -214,6 +216,8 @@ def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0):
                         f"{world_size}: each holds only its shard of the optimizer, so resume with {saved_world_size}")
     model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
     optimizer.load_state_dict(optimizer_data)
+    if scaler is not None:
+        scaler.scale, scaler.clean_steps = meta_data["loss_scale"]
     return meta_data
 
 
@@ -362,18 +366,19 @@ def find_last_step(checkpoint_dir):
 
 
 def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
-    """Pick the tag (largest model) and step (latest) unless given, then build."""
+    """Pick the tag (largest model) and step (latest) unless given, then build -> (model, tokenizer, meta_data,
+    model_tag, step): what was picked comes back, so no caller picks it again."""
     model_tag = model_tag or find_largest_model(checkpoints_dir)
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"No model tag {model_tag!r} in {checkpoints_dir} (have: {sorted(os.listdir(checkpoints_dir))})")
     step = find_last_step(checkpoint_dir) if step is None else step
     logger.info(f"Loading model from {checkpoint_dir} at step {step}")
-    return build_model(checkpoint_dir, step, device, phase)
+    return (*build_model(checkpoint_dir, step, device, phase), model_tag, step)
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """source: base|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints."""
+    """source: base|sft|rl -> (model, tokenizer, meta_data, model_tag, step) from base_dir/<stage>_checkpoints."""
     if source not in STAGE_DIRS:
         raise ValueError(f"source must be one of {sorted(STAGE_DIRS)}, got {source!r}")
     checkpoints_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])

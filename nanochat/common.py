@@ -251,6 +251,15 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def all_reduce_sum(values, device):
+    """Numbers (counts, sums) summed over all ranks -> a list of floats; float64 is exact for counts (MPS has no
+    float64: float32 there, exact below 2**24)."""
+    tensor = torch.tensor(values, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
 class DummyWandb:
     """Stands in for a wandb run when logging is off (--run dummy)."""
 

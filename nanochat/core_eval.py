@@ -30,16 +30,16 @@ import shutil
 import tempfile
 import time
 import zipfile
+from functools import partial
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import get_base_dir, get_compute_dtype, get_dist_info, print0
+from nanochat.common import all_reduce_sum, get_base_dir, get_compute_dtype, get_dist_info, print0
 from nanochat.datasource import DownloadError, download_once, find_data
-from nanochat.engine import KVCache
+from nanochat.kv_cache import KVCache
 
 logger = logging.getLogger("nanochat")
 
@@ -175,17 +175,11 @@ def forward_rows(model, rows, starts, pad_id, device):
 @torch.no_grad()
 def logits_at(model, inputs, row_idx, pos_idx, kv_cache=None):
     """
-    model(inputs)[row_idx, pos_idx] as (N, V), unembedding only those positions. CORE scores a few tokens
-    per row; logits everywhere would cost vocab x width FLOPs per token (~40% of a d4 model's forward) and
-    B x T x V floats. A pre-hook narrows lm_head's input, the final hidden states, to the scored positions.
+    model(inputs)[row_idx, pos_idx] as (N, V). CORE scores a few tokens per row: logits everywhere would cost
+    vocab x width FLOPs per token (~40% of a d4 model's forward) and B x T x V floats.
     """
-    row_idx = torch.tensor(row_idx, device=inputs.device)
-    pos_idx = torch.tensor(pos_idx, device=inputs.device)
-    hook = model.lm_head.register_forward_pre_hook(lambda module, args: (args[0][row_idx, pos_idx],))
-    try:
-        return model(inputs, kv_cache=kv_cache)
-    finally:
-        hook.remove()
+    positions = torch.tensor(row_idx, device=inputs.device), torch.tensor(pos_idx, device=inputs.device)
+    return model(inputs, kv_cache=kv_cache, logit_positions=positions)
 
 
 @torch.no_grad()
@@ -209,17 +203,15 @@ def forward_shared_prefix(model, rows, start, pad_id, device):
     """
     conts = [row[start:] for row in rows]
     lengths = [len(cont) for cont in conts]
-    config = model.config
-    cache_shape = dict(num_heads=config.n_kv_head, seq_len=start + max(lengths), head_dim=config.n_embd // config.n_head,
-                       num_layers=config.n_layer, device=device, dtype=get_compute_dtype(torch.device(device).type),
-                       embed_dim=config.n_embd)
-    prefix_cache = KVCache(batch_size=1, **cache_shape)
+    new_cache = partial(KVCache.for_model, model.config, seq_len=start + max(lengths), device=device,
+                        dtype=get_compute_dtype(torch.device(device).type))
+    prefix_cache = new_cache(batch_size=1)
     prefix = torch.tensor([rows[0][:start]], dtype=torch.long, device=device)
     last_logits = logits_at(model, prefix, [0], [start - 1], kv_cache=prefix_cache)  # predicts every cont[0]
     targets = [token for cont in conts for token in cont]
     if max(lengths) == 1:  # single-token choices: nothing more to run
         return continuation_scores(last_logits.expand(len(rows), -1), targets, lengths)
-    choices_cache = KVCache(batch_size=len(rows), **cache_shape)
+    choices_cache = new_cache(batch_size=len(rows))
     choices_cache.prefill(prefix_cache)
     # Each choice's tokens but the last, on top of the prefix; they predict cont[1:].
     row_idx = [i for i, n in enumerate(lengths) for _ in range(n - 1)]
@@ -303,10 +295,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_size=16, shar
         examples = [prepare_example(tokenizer, data, idx, task_meta, max_len) for idx in indices]
         correct = score_examples_batched(model, examples, task_meta["task_type"], tokenizer.get_bos_token_id(),
                                          device, batch_size, share_prefix)
-    counts = torch.tensor([sum(correct), len(correct)], dtype=torch.float32, device=device)  # exact below 2**24
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    num_correct, num_total = counts.tolist()
+    num_correct, num_total = all_reduce_sum([sum(correct), len(correct)], torch.device(device))
     return num_correct / max(num_total, 1)
 
 

@@ -175,3 +175,18 @@ def download_once(url, path, on_complete=None):
             print(f"Downloading {url} -> {path}", flush=True)
             download(url, path, on_complete=on_complete)
     return path
+
+
+def load_hub_dataset(path, name=None, split=None):
+    """A Hugging Face hub dataset, for when there is no local copy. Fails with a message naming the offline fix."""
+    if embedded_requested():
+        raise RuntimeError(f"{path} (config {name}, split {split}) is not in the embedded sample, and "
+                           "NANOCHAT_DATA=embedded downloads nothing: unset it to use the Hugging Face hub")
+    announce("the Hugging Face hub")
+    try:
+        from datasets import load_dataset  # imported here: only the hub path needs it, and it is slow to import
+        return load_dataset(path, name, split=split)
+    except Exception as e:
+        raise RuntimeError(
+            f"Could not load {path} (config {name}, split {split}) from the Hugging Face hub: {e}\n{OFFLINE_HINT}"
+        ) from e

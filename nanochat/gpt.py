@@ -288,8 +288,12 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx (B, T) token ids -> logits (B, T, vocab_size) fp32, or the loss when targets are given."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logit_positions=None):
+        """
+        idx (B, T) token ids -> logits (B, T, vocab_size) fp32, or the loss when targets are given.
+        logit_positions (rows, positions), two index tensors of N entries: only those logits, (N, vocab_size). A
+        caller that scores a few tokens per row skips the unembedding (vocab x width FLOPs per token) elsewhere.
+        """
         B, T = idx.size()
         # get_pos(): the longest row. (A compiled decode step skips the check: reading the cache's Python
         # position would recompile every step.)
@@ -318,6 +322,8 @@ class GPT(nn.Module):
             x = x - self.backout_lambda.to(x.dtype) * x_mid  # take back what the lower half wrote, in part
         if kv_cache is not None:
             kv_cache.advance(T)
+        if logit_positions is not None:
+            x = x[logit_positions]
         # Softcap 15 * tanh(z / 15) with the division moved before the (linear) lm_head: the hidden state is
         # vocab/n_embd times smaller than the logits, which saves two full passes over them (fwd + bwd).
         logits = self.lm_head(norm(x) / LOGIT_SOFTCAP)

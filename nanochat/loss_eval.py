@@ -18,7 +18,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     batches yields (inputs, targets[, ...]) int64 (B, T) tensors; `steps` of them are evaluated.
     token_bytes: (vocab_size,) int tensor on the model's device, UTF-8 bytes per token id, 0 for special
     tokens. Targets that are special tokens (0 bytes) or ignored (-1) count neither nats nor bytes.
-    Sums are all-reduced across ranks, so every rank returns the same number.
+    Sums are all-reduced across ranks, so every rank returns the same number. The model evaluates in eval
+    mode and is then put back in the mode it was in.
     """
     device = token_bytes.device
     # float64 keeps the sum exact over millions of tokens (MPS has no float64)
@@ -26,6 +27,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     total_nats = torch.zeros((), dtype=sum_dtype, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     batch_iter = iter(batches)
+    was_training = model.training
+    model.eval()
     for _ in range(steps):
         inputs, targets = next(batch_iter)[:2]
         losses = model(inputs, targets, loss_reduction="none").view(-1)
@@ -33,6 +36,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         total_nats += torch.where(num_bytes > 0, losses, 0.0).sum(dtype=sum_dtype)
         total_bytes += num_bytes.sum()
+    model.train(was_training)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)

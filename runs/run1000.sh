@@ -31,7 +31,8 @@ stage base d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_tra
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
 
-curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
+from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
 stage sft d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --device-type=cuda \
     --run=$WANDB_RUN  # 16 rows, as the base run
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda

@@ -46,8 +46,9 @@ stage base d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_tra
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-type=cuda
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
 
-# identity conversations teach the model who it is (SFT reads them)
-curl -fsSL -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+# identity conversations teach the model who it is (SFT reads them), fetched by the one downloader
+python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
+from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
 
 stage sft d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --keep-last=2 \
     --device-type=cuda --run=$WANDB_RUN

@@ -16,15 +16,14 @@ import os
 import sys
 import time
 
-from nanochat.checkpoint_manager import STAGE_DIRS, find_largest_model, load_model
+from nanochat.checkpoint_manager import STAGE_DIRS, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
+from nanochat.stage import add_checkpoint_flags
 
 parser = argparse.ArgumentParser(description="Evaluate a model on the CORE metric")
-parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task, a fixed random subset (-1 = all)")
 parser.add_argument("--batch-size", type=positive(int), default=16, help="rows (prompts) per forward pass")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
@@ -36,11 +35,7 @@ try:
     bundle_dir = get_eval_bundle_dir()  # first: no point loading a model we cannot evaluate
 except RuntimeError as e:
     sys.exit(str(e))
-model_tag = args.model_tag
-if model_tag is None and os.path.isdir(os.path.join(get_base_dir(), STAGE_DIRS[args.source])):
-    model_tag = find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
-model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
-step = meta["step"]
+model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
 print0(f"Evaluating {args.source} model {model_tag} step {step} on {world_size} process(es)")
 
 t0 = time.time()

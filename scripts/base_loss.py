@@ -15,12 +15,11 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.stage import add_checkpoint_flags
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="bpb on train/val and samples of a trained model")
-parser.add_argument("-i", "--source", type=str, default="base", choices=sorted(STAGE_DIRS), help="which stage's checkpoint")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest model)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
 parser.add_argument("--split-tokens", type=positive(int), default=40 * 524288, help="tokens evaluated per split")
 parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditioned samples to print")
@@ -29,7 +28,7 @@ args = parser.parse_args()
 
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
 token_bytes = get_token_bytes(device=device)
 seq_len = model.config.sequence_len
 
@@ -62,7 +61,7 @@ if rank == 0:
         print0(f"  {samples[-1]!r}")
 
 get_report().log(section="Base model loss", data=[
-    {"Source": args.source, "Step": meta["step"], "Tokens per split": steps * tokens_per_step,
+    {"Source": args.source, "Step": step, "Tokens per split": steps * tokens_per_step,
      "train bpb": bpb_results["train"], "val bpb": bpb_results["val"]},
     "Samples:\n" + "\n".join(f"- {sample!r}" for sample in samples),
 ])

@@ -16,25 +16,24 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, compute_choice, synchronize,
-                             get_base_dir, get_peak_flops, get_device_name, get_max_memory_mb, init_wandb,
-                             format_duration, positive)
+from nanochat.common import (compute_cleanup, print0, compute_choice, synchronize, get_base_dir, get_peak_flops,
+                             get_device_name, get_max_memory_mb, format_duration, positive)
 from nanochat.gpt import GPT, build_gpt, config_for_depth, check_config
 from nanochat.fp8 import check_fp8_supported, convert_to_fp8
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
 from nanochat.optim import (get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules, GradScaler,
                             auto_batch_size, batch_lr_scale, transfer_weight_decay, REFERENCE_BATCH_SIZE)
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, check_resume_step, prune_checkpoints
+from nanochat.checkpoint_manager import load_checkpoint, check_resume_step
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
+from nanochat.stage import add_run_flags, start_run, save_run_checkpoint, StepMeter
 
 # -----------------------------------------------------------------------------
 # Flags (defaults: the tuned values, transferred from d12 to any depth by the batch-size rule below)
 parser = argparse.ArgumentParser(description="Pretrain a base model")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+add_run_flags(parser, dry_run=False)
 # model size
 parser.add_argument("--depth", type=positive(int), default=20, help="number of Transformer layers: the one complexity dial")
 parser.add_argument("--aspect-ratio", type=positive(int), default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
@@ -57,15 +56,12 @@ parser.add_argument("--scalar-lr", type=positive(float), default=0.5)
 parser.add_argument("--warmup-steps", type=int, default=40)
 parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the run over which the LR decays")
 parser.add_argument("--final-lr-frac", type=float, default=0.05)
-parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
 # evaluation and checkpoints
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
 parser.add_argument("--eval-tokens", type=positive(int), default=80 * 524288, help="tokens of the val split per bpb evaluation")
 parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1 = never, 0 = only at the end)")
 parser.add_argument("--core-metric-max-per-task", type=int, default=500)
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1 = never)")
-parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
 parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir name (default d{depth})")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = where it pays (GPUs, bf16 CPUs)")
 parser.add_argument("--fp8", action="store_true", help="train the large matmuls in fp8 (Hopper/Ada GPUs; eval stays in the compute dtype)")
@@ -73,30 +69,24 @@ args = parser.parse_args()
 user_config = vars(args).copy()
 
 
-def fail(message):
-    parser.error(message)
-
-
 if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
-    fail(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
+    parser.error(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
 if args.total_batch_size == 0 or args.total_batch_size < -1:
-    fail(f"--total-batch-size must be a number of tokens or -1 (automatic), got {args.total_batch_size}")
+    parser.error(f"--total-batch-size must be a number of tokens or -1 (automatic), got {args.total_batch_size}")
 if args.warmup_steps < 0 or not 0 <= args.warmdown_ratio <= 1:
-    fail("--warmup-steps must be >= 0 and --warmdown-ratio within [0, 1]")
+    parser.error("--warmup-steps must be >= 0 and --warmdown-ratio within [0, 1]")
 if args.final_lr_frac < 0:
-    fail(f"--final-lr-frac must be >= 0 (a negative LR would be gradient ascent), got {args.final_lr_frac}")
+    parser.error(f"--final-lr-frac must be >= 0 (a negative LR would be gradient ascent), got {args.final_lr_frac}")
 
 # -----------------------------------------------------------------------------
 # Compute init
-print_banner()
-ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+ddp, rank, world_size, device, wandb_run = start_run(args, "nanochat", user_config)
 device_type = device.type
 master_process = rank == 0
 compute = compute_choice(device_type)
 if args.fp8:
     check_fp8_supported(device)
 peak_flops = get_peak_flops(get_device_name(device_type)) if device_type == "cuda" else float("inf")
-wandb_run = init_wandb(args.run, "nanochat", user_config, master_process)
 
 # -----------------------------------------------------------------------------
 # Tokenizer and model, sized from the depth
@@ -108,7 +98,7 @@ config = config_for_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_
 try:
     check_config(config)
 except ValueError as e:
-    fail(f"--depth={args.depth} --aspect-ratio={args.aspect_ratio} --head-dim={args.head_dim} make no valid model: {e}")
+    parser.error(f"--depth={args.depth} --aspect-ratio={args.aspect_ratio} --head-dim={args.head_dim} make no valid model: {e}")
 model = build_gpt(config, device)
 
 model_tag = args.model_tag or f"d{args.depth}"
@@ -157,8 +147,8 @@ else:
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
 world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
 if total_batch_size % world_tokens_per_fwdbwd != 0:
-    fail(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * world_size = "
-         f"{world_tokens_per_fwdbwd}: set --total-batch-size, --device-batch-size or --max-seq-len")
+    parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
+                 f"world_size = {world_tokens_per_fwdbwd}: set --total-batch-size, --device-batch-size or --max-seq-len")
 grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
 # Horizon: explicit steps, else a FLOPs budget, else the tokens-per-parameter ratio
 if args.num_iterations > 0:
@@ -198,10 +188,9 @@ def make_train_loader(resume_state_dict=None):
         resume_state_dict=resume_state_dict)
 
 
-def make_val_batches():
-    loader = tokenizing_distributed_data_loader_with_state_bos_bestfit(
+def make_val_batches():  # (x, y, loader state): evaluate_bpb reads (x, y)
+    return tokenizing_distributed_data_loader_with_state_bos_bestfit(
         tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
-    return ((x, y) for x, y, _ in loader)
 
 
 eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
@@ -210,13 +199,6 @@ loop_state = meta_data["loop_state"] if resuming else {"min_val_bpb": float("inf
 dataloader_state = meta_data["dataloader_state_dict"] if resuming else None
 train_loader = make_train_loader(dataloader_state)
 x, y, dataloader_state = next(train_loader)  # prefetch the first batch
-
-
-def evaluate_val_bpb():
-    model.eval()
-    bpb = evaluate_bpb(train_model, make_val_batches(), eval_steps, token_bytes)  # the training shapes: compiled too
-    model.train()
-    return bpb
 
 
 def print_samples():
@@ -237,10 +219,7 @@ def save(step, val_bpb):
             "dataloader_state_dict": dataloader_state, "loop_state": loop_state,
             # the batch size and LRs (batch-scaled) this run trained with: chat_sft continues with them
             "resolved": {"total_batch_size": total_batch_size, **lrs, "weight_decay": weight_decay}}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
-    if master_process and args.keep_last:
-        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
+    save_run_checkpoint(checkpoint_dir, step, model, optimizer, meta, rank, args)
 
 
 # -----------------------------------------------------------------------------
@@ -248,14 +227,15 @@ def save(step, val_bpb):
 step = args.resume_from_step if resuming else 0
 val_bpb = None
 core_results = None
-ema_beta = 0.9  # smoothing of the logged train loss
+meter = StepMeter(loop_state, tokens_per_step=total_batch_size, flops_per_token=num_flops_per_token,
+                  peak_flops=peak_flops * world_size)
 model.train()
 while True:
     last_step = step == num_iterations
     flops_so_far = num_flops_per_token * total_batch_size * step
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        val_bpb = evaluate_val_bpb()
+        val_bpb = evaluate_bpb(train_model, make_val_batches(), eval_steps, token_bytes)  # training shapes: compiled
         loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
         loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
         print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
@@ -308,22 +288,14 @@ while True:
         gc.collect()
 
     # logging
-    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss
-    debiased_loss = loop_state["smooth_train_loss"] / (1 - ema_beta ** step)
-    if step > 10:  # the first steps include compilation and warmup; keep them out of the timing
-        loop_state["total_training_time"] += dt
-    tok_per_sec = int(total_batch_size / dt)
-    mfu = 100 * num_flops_per_token * total_batch_size / dt / (peak_flops * world_size)
-    steps_timed = max(step - 10, 1)
-    eta = (num_iterations - step) * (loop_state["total_training_time"] / steps_timed if step > 10 else dt)
+    debiased_loss = meter.update(step, dt, train_loss)
     epoch = dataloader_state["epoch"]
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {debiased_loss:.6f} | "
-           f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/sec {tok_per_sec:,} | mfu {mfu:.2f} | epoch {epoch} | "
-           f"eta {format_duration(eta)}")
+    print0(meter.line(step, f"{num_iterations:05d}", step / num_iterations, dt,
+                      before=[f"loss {debiased_loss:.6f}", f"lrm {lrm:.2f}"], after=[f"epoch {epoch}"]))
     loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
-                   "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec,
-                   "train/mfu": mfu, "train/epoch": epoch})
+                   "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
+                   "train/tok_per_sec": int(total_batch_size / dt), "train/mfu": meter.mfu(dt), "train/epoch": epoch})
 
 # -----------------------------------------------------------------------------
 print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")

@@ -16,6 +16,7 @@ import random
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init
 from nanochat.engine import Engine, StreamDecoder, reply_parts
+from nanochat.stage import add_checkpoint_flags
 
 
 def stream_reply(engine, tokens, temperature, top_k):
@@ -38,9 +39,7 @@ def stream_reply(engine, tokens, temperature, top_k):
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"])
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_flags(parser, "sft", ["base", "sft", "rl"])
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
     parser.add_argument("-t", "--temperature", type=float, default=0.6)
     parser.add_argument("-k", "--top-k", type=int, default=50)
@@ -48,7 +47,7 @@ def main():
     args = parser.parse_args()
 
     _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, *_ = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
 
     if not args.prompt:

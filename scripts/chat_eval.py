@@ -7,14 +7,14 @@ how each is scored and the metric are in tasks/chatcore.py.
     torchrun --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 """
 
-import os
 import time
 import argparse
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, positive
-from nanochat.checkpoint_manager import load_model, find_largest_model, STAGE_DIRS
+from nanochat.common import compute_init, compute_cleanup, print0, positive
+from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 from nanochat.report import get_report
+from nanochat.stage import add_checkpoint_flags
 from tasks.chatcore import TASKS, evaluate_task, chatcore
 
 
@@ -28,12 +28,9 @@ def parse_task_names(spec):
 
 def main():
     parser = argparse.ArgumentParser(description="Evaluate a chat model on ARC, MMLU, GSM8K, HumanEval, SpellingBee")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["sft", "rl"],
-                        help="which checkpoint stage to evaluate")
+    add_checkpoint_flags(parser, None, ["sft", "rl"], required=True)
     parser.add_argument("-a", "--task-name", type=str, default="", help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
     parser.add_argument("--max-problems", type=positive(int), default=None, help="evaluate at most this many problems per task")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest model)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-b", "--batch-size", type=positive(int), default=8, help="problems per forward in categorical tasks")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-k", "--top-k", type=int, default=50)
@@ -44,8 +41,7 @@ def main():
     task_names = parse_task_names(args.task_name)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+    model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
 
     accuracies = {}
@@ -61,7 +57,7 @@ def main():
     print0(f"{label}: {value:.4f}")
     get_report().log(section=f"Chat evaluation {args.source}", data=[
         vars(args),
-        {"model_tag": model_tag, "step": meta["step"]},
+        {"model_tag": model_tag, "step": step},
         {**accuracies, label: value},
     ])
     compute_cleanup()

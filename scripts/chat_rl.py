@@ -23,25 +23,21 @@ import argparse
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
-                             get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
-from nanochat.checkpoint_manager import (load_model, save_checkpoint, find_largest_model, resume_training, check_resume_step,
-                                         prune_checkpoints, STAGE_DIRS)
+from nanochat.common import (compute_cleanup, print0, get_compute_dtype, synchronize, get_base_dir, get_max_memory_mb,
+                             format_duration, positive, all_reduce_sum)
+from nanochat.checkpoint_manager import load_model, resume_training, check_resume_step, STAGE_DIRS
 from nanochat.chat_train import training_rows, group_advantages, policy_gradient_loss, loss_normaliser
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.report import get_report
+from nanochat.stage import add_run_flags, add_checkpoint_flags, start_run, save_run_checkpoint, StepMeter
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Simplified GRPO on GSM8K")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("-i", "--source", type=str, default="sft", choices=["sft"], help="checkpoint stage to start from")
-parser.add_argument("--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
-parser.add_argument("--step", type=int, default=None, help="step to start from (default: the last)")
+add_run_flags(parser)
+add_checkpoint_flags(parser, "sft", ["sft"])
 parser.add_argument("--num-epochs", type=positive(int), default=1, help="passes over the GSM8K train questions")
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps to train (-1 = --num-epochs passes)")
 parser.add_argument("--examples-per-step", type=positive(int), default=16, help="questions per optimizer step, all ranks")
@@ -58,23 +54,15 @@ parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps (-1 = only at the end)")
 parser.add_argument("--eval-examples", type=positive(int), default=400, help="GSM8K test questions per evaluation")
 parser.add_argument("--eval-samples", type=positive(int), default=4, help="k of pass@k: answers sampled per eval question")
-parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
-parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
-parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
-print_banner()
-ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+ddp, rank, world_size, device, wandb_run = start_run(args, "nanochat-rl", user_config)
 device_type = device.type
-master_process = rank == 0
-wandb_run = init_wandb(args.run, "nanochat-rl", user_config, master_process)
 
 # No torch.compile: every step's samples have a different length, and the Engine runs the model eagerly.
-model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+model, tokenizer, _, model_tag, source_step = load_model(args.source, device, "train", args.model_tag, args.step)
 checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["rl"], model_tag)
 engine = Engine(model, tokenizer)
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -92,10 +80,8 @@ print0(f"{num_iterations} steps x {args.examples_per_step} questions x {args.num
        f"({examples_per_rank} questions per rank)")
 resuming = args.resume_from_step != -1
 if resuming:
-    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
     check_resume_step(args.resume_from_step, num_iterations)
-    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank)
-    scaler.scale, scaler.clean_steps = resume_meta["loss_scale"]  # fp16's dynamic loss scale (unused otherwise)
+    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank, scaler)
 
 
 # -----------------------------------------------------------------------------
@@ -117,13 +103,6 @@ def completions(prompt, sequences):
     return [tokenizer.decode(sequence[len(prompt):]) for sequence in sequences]
 
 
-def all_reduce_sum(values):
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 @torch.no_grad()
 def evaluate_pass_at_k():
     """-> (pass@1, pass@k) on the first --eval-examples test questions, k = --eval-samples.
@@ -137,19 +116,16 @@ def evaluate_pass_at_k():
         sum_pass1 += sum(correct) / len(correct)
         sum_passk += any(correct)
         count += 1
-    sum_pass1, sum_passk, count = all_reduce_sum([sum_pass1, sum_passk, count])
+    sum_pass1, sum_passk, count = all_reduce_sum([sum_pass1, sum_passk, count], device)
     model.train()
     return sum_pass1 / max(count, 1), sum_passk / max(count, 1)
 
 
 def save(step, finished):
     meta = {"step": step, "finished": finished, "model_config": asdict(model.config), "user_config": user_config,
-            "val_pass_at_k": eval_results, "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]},
+            "val_pass_at_k": eval_results, "source": {"stage": args.source, "model_tag": model_tag, "step": source_step},
             "loop_state": loop_state, "loss_scale": [scaler.scale, scaler.clean_steps]}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
-    if master_process and args.keep_last:
-        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
+    save_run_checkpoint(checkpoint_dir, step, model, optimizer, meta, rank, args)
 
 
 # -----------------------------------------------------------------------------
@@ -157,6 +133,7 @@ def save(step, finished):
 step = args.resume_from_step if resuming else 0
 eval_results = resume_meta["val_pass_at_k"] if resuming else {}
 loop_state = resume_meta["loop_state"] if resuming else {"total_training_time": 0.0, "curve": []}
+meter = StepMeter(loop_state, warmup_steps=0)  # every step samples afresh: no warmup to leave out of the timing
 model.train()
 while True:
     last_step = step == num_iterations
@@ -208,12 +185,12 @@ while True:
     dt = time.time() - t0
     step += 1
 
-    reward_sum, num_answers, completion_tokens = all_reduce_sum([rewards.sum().item(), rewards.numel(), sum(completion_lengths)])
+    reward_sum, num_answers, completion_tokens = all_reduce_sum(
+        [rewards.sum().item(), rewards.numel(), sum(completion_lengths)], device)
     mean_reward, mean_length = reward_sum / num_answers, completion_tokens / num_answers
-    loop_state["total_training_time"] += dt
-    eta = loop_state["total_training_time"] / step * (num_iterations - step)
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | reward {mean_reward:.4f} | "
-           f"answer length {mean_length:.1f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | eta {format_duration(eta)}")
+    meter.update(step, dt)
+    print0(meter.line(step, f"{num_iterations:05d}", step / num_iterations, dt,
+                      before=[f"reward {mean_reward:.4f}", f"answer length {mean_length:.1f}", f"lrm {lrm:.2f}"]))
     loop_state["curve"].append({"step": step, "reward": mean_reward, "answer_length": mean_length,
                                 "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_length": mean_length, "train/lrm": lrm,

@@ -29,16 +29,16 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, print_banner, get_compute_dtype, synchronize,
-                             get_base_dir, get_max_memory_mb, init_wandb, format_duration, positive)
-from nanochat.checkpoint_manager import (load_model, save_checkpoint, find_largest_model, resume_training, check_resume_step,
-                                         gather_from_ranks, prune_checkpoints, STAGE_DIRS)
+from nanochat.common import (compute_cleanup, print0, get_compute_dtype, synchronize, get_base_dir, get_max_memory_mb,
+                             format_duration, positive)
+from nanochat.checkpoint_manager import load_model, resume_training, check_resume_step, gather_from_ranks, STAGE_DIRS
 from nanochat.chat_train import conversation_batches, loss_normaliser, load_optimizer_state
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.stage import add_run_flags, add_checkpoint_flags, start_run, save_run_checkpoint, StepMeter
 from tasks.common import TaskMixture, first_examples
 from tasks.chatcore import TASKS, evaluate_task, chatcore
 from tasks.smoltalk import SmolTalk
@@ -49,11 +49,8 @@ from tasks.spellingbee import SpellingBee, SimpleSpelling
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Fine-tune a base model on a mixture of conversations")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("-i", "--source", type=str, default="base", choices=["base"], help="checkpoint stage to start from")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag to start from (default: the largest)")
-parser.add_argument("-s", "--step", type=int, default=None, help="step to start from (default: the last)")
+add_run_flags(parser)
+add_checkpoint_flags(parser, "base", ["base"])
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per device (-1 = the source run's)")
 parser.add_argument("--max-seq-len", type=int, default=-1, help="tokens per row (-1 = the model's context)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = the source run's)")
@@ -66,11 +63,7 @@ parser.add_argument("--chatcore-every", type=int, default=200, help="ChatCORE ev
 parser.add_argument("--chatcore-max-cat", type=int, default=1000, help="problems per multiple-choice task (-1 = all)")
 parser.add_argument("--chatcore-max-gen", type=int, default=24, help="problems per generative task (-1 = all)")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
-parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-parser.add_argument("--keep-last", type=positive(int), default=None, help="keep only the N newest checkpoints (default: all)")
-parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = fresh run)")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
-parser.add_argument("--dry-run", action="store_true", help="train and evaluate, but write no checkpoint or report")
 args = parser.parse_args()
 user_config = vars(args).copy()
 if not 0 <= args.warmdown_ratio <= 1:
@@ -78,14 +71,10 @@ if not 0 <= args.warmdown_ratio <= 1:
 CHATCORE_MAX_NEW_TOKENS = 256  # room for a worked GSM8K answer; longer ones are cut and count as wrong
 
 # -----------------------------------------------------------------------------
-print_banner()
-ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+ddp, rank, world_size, device, wandb_run = start_run(args, "nanochat-sft", user_config)
 device_type = device.type
-master_process = rank == 0
-wandb_run = init_wandb(args.run, "nanochat-sft", user_config, master_process)
 
-model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), STAGE_DIRS[args.source]))
+model, tokenizer, source_meta, model_tag, source_step = load_model(args.source, device, "train", args.model_tag, args.step)
 source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
 checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], model_tag)
 token_bytes = get_token_bytes(device=device)
@@ -97,7 +86,7 @@ train_model = torch.compile(model, dynamic=False) if use_compile else model  # e
 resolved = source_meta.get("resolved")
 if resolved is None:
     raise SystemExit(f"The {args.source} checkpoint in {source_dir} does not record the batch size and LRs it trained "
-                     f"with (it predates that): add to its meta_{source_meta['step']:06d}.json a \"resolved\" entry "
+                     f"with (it predates that): add to its meta_{source_step:06d}.json a \"resolved\" entry "
                      f"{{\"total_batch_size\", \"embedding_lr\", \"unembedding_lr\", \"matrix_lr\", \"scalar_lr\"}}")
 device_batch_size = args.device_batch_size if args.device_batch_size > 0 else source_meta.get("device_batch_size")
 if device_batch_size is None:
@@ -119,18 +108,16 @@ optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
 scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)  # fp16 runs only
 resuming = args.resume_from_step != -1
 if resuming:  # this run's own weights and optimizer, saved at that step
-    print0(f"Resuming from step {args.resume_from_step} of {checkpoint_dir}")
-    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank)
-    scaler.scale, scaler.clean_steps = resume_meta["loss_scale"]  # fp16's dynamic loss scale (unused otherwise)
+    resume_meta = resume_training(checkpoint_dir, args.resume_from_step, model, optimizer, device, rank, scaler)
     # an epoch ends where the epoch was finished; an explicit horizon where --num-iterations says
     check_resume_step(args.resume_from_step, args.num_iterations if args.num_iterations > 0 else
                       args.resume_from_step if resume_meta["finished"] else math.inf)
 else:  # the optimizer continues the source run's: its moments already fit this model's gradients
-    optimizer_state, note = load_optimizer_state(source_dir, source_meta["step"], rank, world_size, device)
+    optimizer_state, note = load_optimizer_state(source_dir, source_step, rank, world_size, device)
     if optimizer_state is not None:
         try:
             optimizer.load_state_dict(optimizer_state)
-            note = f"optimizer warm-started from {source_dir} step {source_meta['step']}"
+            note = f"optimizer warm-started from {source_dir} step {source_step}"
         except ValueError as e:
             note = f"the saved optimizer state does not fit this model ({e}); starting a fresh optimizer"
         del optimizer_state
@@ -174,14 +161,6 @@ def batches(dataset, resume_state=None):
 eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
 
 
-def evaluate_val_bpb():
-    """bpb of the assistant's tokens (the only targets) of the held-out conversations."""
-    model.eval()
-    bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)
-    model.train()
-    return bpb
-
-
 chatcore_tasks = {name: make() for name, (make, _) in TASKS.items()} if args.chatcore_every >= 0 else {}
 engine = Engine(model, tokenizer)
 
@@ -213,13 +192,10 @@ def save(step, finished):
     meta = {"step": step, "finished": finished, "val_bpb": val_bpb, "chatcore": chatcore_results,
             "model_config": asdict(model.config), "user_config": user_config, "device_batch_size": device_batch_size,
             "max_seq_len": max_seq_len, "resolved": {"total_batch_size": total_batch_size, **lrs},
-            "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]},
+            "source": {"stage": args.source, "model_tag": model_tag, "step": source_step},
             "loop_state": loop_state, "data_states": gather_from_ranks(data_state),
             "loss_scale": [scaler.scale, scaler.clean_steps]}
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-    print0(f"Saved checkpoint step {step} to {checkpoint_dir}")
-    if master_process and args.keep_last:
-        prune_checkpoints(checkpoint_dir, args.keep_last, keep_steps=[args.resume_from_step] if resuming else [])
+    save_run_checkpoint(checkpoint_dir, step, model, optimizer, meta, rank, args)
 
 
 # -----------------------------------------------------------------------------
@@ -233,7 +209,7 @@ loop_state = resume_meta["loop_state"] if resuming else {"progress": 0.0, "smoot
                                                          "total_training_time": 0.0, "curve": []}
 data_state = resume_meta["data_states"][rank] if resuming else None  # this rank's position in the mixture
 train_batches = batches(train_dataset, data_state)
-ema_beta = 0.9  # smoothing of the logged train loss
+meter = StepMeter(loop_state, tokens_per_step=total_batch_size)
 model.train()
 while True:
     progress = loop_state["progress"]
@@ -241,7 +217,7 @@ while True:
     resumed_here = step == args.resume_from_step  # evaluated and saved before the interruption: just train on
 
     if not resumed_here and (last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
-        val_bpb = evaluate_val_bpb()
+        val_bpb = evaluate_bpb(model, batches(val_dataset), eval_steps, token_bytes)  # the assistant's tokens only
         print0(f"Step {step:05d} | val bpb {val_bpb:.4f}")
         loop_state["curve"].append({"step": step, "val_bpb": val_bpb, "time": loop_state["total_training_time"]})
         wandb_run.log({"step": step, "val/bpb": val_bpb})
@@ -286,15 +262,9 @@ while True:
     progress = step / args.num_iterations if args.num_iterations > 0 else epoch_progress(data_state)
     loop_state["progress"] = progress
 
-    loop_state["smooth_train_loss"] = ema_beta * loop_state["smooth_train_loss"] + (1 - ema_beta) * train_loss
-    debiased_loss = loop_state["smooth_train_loss"] / (1 - ema_beta ** step)
-    if step > 10:  # the first steps include compilation and warmup; keep them out of the timing
-        loop_state["total_training_time"] += dt
-    seconds_per_step = loop_state["total_training_time"] / (step - 10) if step > 10 else dt
-    eta = seconds_per_step * step * (1 - progress) / max(progress, 1e-9)
+    debiased_loss = meter.update(step, dt, train_loss)
     total_steps = f"{args.num_iterations:05d}" if args.num_iterations > 0 else f"~{round(step / max(progress, 1e-9)):05d}"
-    print0(f"step {step:05d}/{total_steps} ({100 * progress:5.1f}%) | loss {debiased_loss:.6f} | lrm {lrm:.2f} | "
-           f"dt {dt * 1000:.0f}ms | tok/sec {int(total_batch_size / dt):,} | eta {format_duration(eta)}")
+    print0(meter.line(step, total_steps, progress, dt, before=[f"loss {debiased_loss:.6f}", f"lrm {lrm:.2f}"]))
     loop_state["curve"].append({"step": step, "train_loss": debiased_loss, "time": loop_state["total_training_time"]})
     wandb_run.log({"step": step, "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
                    "train/tok_per_sec": total_batch_size / dt, "train/progress": progress})

@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from nanochat.engine import Engine, StreamDecoder, reply_parts
 from nanochat.serving import BatchScheduler, Generation, GuardedH11Protocol, StopText
+from nanochat.stage import add_checkpoint_flags
 
 logger = logging.getLogger("nanochat")
 
@@ -455,12 +456,10 @@ def is_loopback(host):
 def main():
     parser = argparse.ArgumentParser(description="Serve the chat UI and an OpenAI-compatible API")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"])
+    add_checkpoint_flags(parser, "sft", ["base", "sft", "rl"])
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k")
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("-p", "--port", type=int, default=8000)
     parser.add_argument("-d", "--dtype", type=str, default="", choices=["", "float32", "bfloat16", "float16"],
                         help="compute dtype (default: what the device runs fast, see nanochat.common.compute_choice)")
@@ -490,15 +489,13 @@ def main():
     max_batch = args.max_batch or (32 if device_type == "cuda" else 8)
     compile = bool(args.compile) if args.compile >= 0 else device_type == "cuda"
     if device_type == "cuda":
-        replicas = []
-        for i in range(args.num_gpus):
-            model, tokenizer, _ = load_model(args.source, torch.device("cuda", i), phase="eval",
-                                             model_tag=args.model_tag, step=args.step)
+        replicas, model_tag, step = [], args.model_tag, args.step
+        for i in range(args.num_gpus):  # every replica loads the checkpoint the first one picked
+            model, tokenizer, _, model_tag, step = load_model(args.source, torch.device("cuda", i), "eval", model_tag, step)
             replicas.append((model, tokenizer))
     else:
         # CPU/MPS workers share one copy of the weights: inference never writes to them
-        model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval",
-                                         model_tag=args.model_tag, step=args.step)
+        model, tokenizer, *_ = load_model(args.source, torch.device(device_type), "eval", args.model_tag, args.step)
         replicas = [(model, tokenizer)] * args.num_gpus
         if device_type == "cpu":  # leave a core to the event loop that streams the tokens (+20% at 16 clients on 2 cores)
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))

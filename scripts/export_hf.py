@@ -31,6 +31,7 @@ import nanochat
 from nanochat.checkpoint_manager import STAGE_DIRS, load_model
 from nanochat.common import UserError, compute_init
 from nanochat.gpt import LOGIT_SOFTCAP, SMEAR_CHANNELS
+from nanochat.stage import add_checkpoint_flags
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 
 HF_CODE_DIR = os.path.join(os.path.dirname(nanochat.__file__), "hf")  # the package data copied into the export
@@ -211,9 +212,7 @@ def export(model, tokenizer, saved_config, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a nanochat checkpoint as a Hugging Face transformers model")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=sorted(STAGE_DIRS))
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_flags(parser, "sft", sorted(STAGE_DIRS))
     parser.add_argument("--out", type=str, required=True, help="the folder to write (must not exist, or be empty)")
     args = parser.parse_args(argv)
 
@@ -223,9 +222,9 @@ def main(argv=None):
         raise UserError(f"The export needs the [hf] extra ({e.name} is missing): pip install -e '.[hf]'") from e
     os.environ["NANOCHAT_DTYPE"] = "float32"  # checkpoints are fp32 on disk: keep every weight exactly
     compute_init("cpu")
-    model, tokenizer, meta = load_model(args.source, "cpu", phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta, model_tag, step = load_model(args.source, "cpu", "eval", args.model_tag, args.step)
     export(model, tokenizer, meta["model_config"], args.out)
-    print(f"Exported the {args.source} model (step {meta.get('step', '?')}) to {args.out} (fp32 safetensors). Load it "
+    print(f"Exported the {args.source} model {model_tag} (step {step}) to {args.out} (fp32 safetensors). Load it "
           f"with AutoModelForCausalLM.from_pretrained({args.out!r}, trust_remote_code=True)")
 
 

@@ -5,7 +5,8 @@ Local files: chat/arc/<subset>-{Train,Dev}.jsonl.gz and <subset>-Test.reconstruc
 (the test split rebuilt from OLMo's copy, see SOURCES.md); else the hub's allenai/ai2_arc.
 """
 
-from tasks.common import Task, render_mc, local_file, read_jsonl, load_hub_dataset
+from nanochat.datasource import load_hub_dataset
+from tasks.common import Task, render_mc, local_file, read_jsonl
 
 LOCAL_FILE_SPLIT = {"train": "Train", "validation": "Dev", "test": "Test.reconstructed"}
 

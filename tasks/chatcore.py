@@ -12,9 +12,8 @@ perfect, comparable across tasks with different numbers of choices.
 """
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import get_dist_info
+from nanochat.common import all_reduce_sum, get_dist_info
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K
@@ -91,14 +90,6 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
     return num_correct, num_evaluated
 
 
-def all_reduce_counts(num_correct, num_evaluated, device):
-    if not (dist.is_available() and dist.is_initialized()):
-        return num_correct, num_evaluated
-    counts = torch.tensor([num_correct, num_evaluated], dtype=torch.long, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return counts[0].item(), counts[1].item()
-
-
 def evaluate_task(task, tokenizer, model, engine, max_problems=None, batch_size=8, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50):
     """-> (num_correct, num_evaluated) over all ranks, the task scored by its eval_type."""
@@ -107,7 +98,8 @@ def evaluate_task(task, tokenizer, model, engine, max_problems=None, batch_size=
     else:
         counts = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
                                      max_problems)
-    return all_reduce_counts(*counts, model.get_device())
+    num_correct, num_evaluated = all_reduce_sum(list(counts), model.get_device())
+    return int(num_correct), int(num_evaluated)
 
 
 def chatcore(accuracies):

@@ -1,6 +1,6 @@
 """
 What every chat task shares: the Task base class (a sliceable view over examples), mixtures and
-sequences of tasks, the multiple-choice prompt, conversation checks, and data loading.
+sequences of tasks, the multiple-choice prompt, conversation checks, and finding local data files.
 
 A task is a list of conversations {"messages": [{"role": ..., "content": ...}, ...]} plus a way to
 grade a model's answer (evaluate). A task's files come from an explicit data_dir argument, else
@@ -15,7 +15,7 @@ import json
 import os
 import random
 
-from nanochat.datasource import OFFLINE_HINT, announce, embedded_requested, find_data
+from nanochat.datasource import find_data
 
 
 class Task:
@@ -164,18 +164,3 @@ def read_jsonl(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def load_hub_dataset(path, name=None, split=None):
-    """A Hugging Face hub dataset, for when there is no local copy. Fails with a message naming the offline fix."""
-    if embedded_requested():
-        raise RuntimeError(f"{path} (config {name}, split {split}) is not in the embedded sample, and "
-                           "NANOCHAT_DATA=embedded downloads nothing: unset it to use the Hugging Face hub")
-    announce("the Hugging Face hub")
-    try:
-        from datasets import load_dataset  # imported here: only the hub path needs it, and it is slow to import
-        return load_dataset(path, name, split=split)
-    except Exception as e:
-        raise RuntimeError(
-            f"Could not load {path} (config {name}, split {split}) from the Hugging Face hub: {e}\n{OFFLINE_HINT}"
-        ) from e

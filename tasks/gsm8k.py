@@ -9,7 +9,8 @@ hub's openai/gsm8k.
 
 import re
 
-from tasks.common import Task, content_text, local_file, read_jsonl, load_hub_dataset
+from nanochat.datasource import load_hub_dataset
+from tasks.common import Task, content_text, local_file, read_jsonl
 
 ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 # "#### -1,234.5" -> "-1,234.5"; a "$" may precede the number and commas group thousands

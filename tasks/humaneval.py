@@ -7,7 +7,8 @@ Local file chat/humaneval/HumanEval.jsonl.gz, else the hub's openai/openai_human
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import Task, local_file, read_jsonl, load_hub_dataset
+from nanochat.datasource import load_hub_dataset
+from tasks.common import Task, local_file, read_jsonl
 
 # the first fenced block; a missing closing fence (a completion cut at max_tokens) still counts
 CODE_BLOCK_RE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)

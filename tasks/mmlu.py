@@ -13,7 +13,8 @@ import os
 import random
 
 from nanochat.common import print0
-from tasks.common import Task, TaskSequence, render_mc, local_file, load_hub_dataset
+from nanochat.datasource import load_hub_dataset
+from tasks.common import Task, TaskSequence, render_mc, local_file
 
 LETTERS = ("A", "B", "C", "D")
 LOCAL_DIR_SPLIT = {"dev": "dev", "validation": "val", "val": "val", "test": "test"}

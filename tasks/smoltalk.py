@@ -11,7 +11,8 @@ CC BY-NC, non-commercial, so it is deliberately not used.)
 
 import re
 
-from tasks.common import Task, check_messages, local_file, read_jsonl, load_hub_dataset
+from nanochat.datasource import load_hub_dataset
+from tasks.common import Task, check_messages, local_file, read_jsonl
 
 TURN_RE = re.compile(r"\n\n(Human|Assistant): ")
 ROLES = {"Human": "user", "Assistant": "assistant"}

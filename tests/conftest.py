@@ -1,14 +1,20 @@
-"""Shared fixtures: the data tree the tests read, a small trained tokenizer, an isolated data environment, a file server."""
+"""
+Shared fixtures: the data tree the tests read, a small trained tokenizer, an isolated data environment, a file
+server, one torch thread, and the one way tests launch several ranks (run_torchrun).
+"""
 import collections
 import http.server
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from torch.overrides import TorchFunctionMode
 
 # Numerical tests compare against fp32 references, and should not depend on whether this CPU runs bf16
@@ -24,6 +30,12 @@ SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA") or REPO_ROOT.parent / 
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the full data tree {SHARED_DATA}")
 
 
+def pytest_configure(config):
+    if not (TEST_DATA / "pretrain").is_dir():
+        raise pytest.UsageError(f"NANOCHAT_TEST_DATA={TEST_DATA} is not a data tree (pretrain/, eval_bundle/, chat/, "
+                                "words/): point it at one, or unset it to test with the repo's data/")
+
+
 def pretrain_texts(max_chars=2_000_000, shard=0):
     """Documents from one of the test data's pretraining shards (real Wikipedia text); shard=-1 is val."""
     path = sorted((TEST_DATA / "pretrain").glob("shard_*.parquet"))[shard]
@@ -33,6 +45,36 @@ def pretrain_texts(max_chars=2_000_000, shard=0):
             break
         total += len(text)
         yield text
+
+
+def run_torchrun(*args, nproc=2, env=None, timeout=300):
+    """
+    -> (exit status, stdout and stderr together) of `torchrun --standalone --nproc_per_node=nproc *args` (a script
+    and its arguments, or "-m", a module and its arguments) run from the repo root with one thread per rank and
+    `env` on top of ours. On a timeout the launcher, which stops its ranks, is stopped and the timeout raised.
+    """
+    # the repo and tests/ importable, as in the tests: a worker can take its models from helpers.py
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}", **(env or {})}
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={nproc}", *map(str, args)], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher.terminate()  # torchrun then stops its ranks (each runs in its own session: killing it would not)
+        launcher.communicate(timeout=60)
+        raise
+    return launcher.returncode, output
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread: with two, the sync overhead dominates (and explodes when the
+    machine's cores are shared). Modules of tiny-model tests use it: pytestmark = usefixtures("one_torch_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

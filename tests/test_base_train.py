@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_DATA
+from conftest import REPO_ROOT, TEST_DATA, run_torchrun
 
 # depth 2, 128-token rows, 4 rows per forward, 2 accumulation steps in one process
 TINY = ["--depth=2", "--head-dim=64", "--max-seq-len=128", "--device-batch-size=4", "--total-batch-size=1024",
@@ -18,14 +18,13 @@ TINY = ["--depth=2", "--head-dim=64", "--max-seq-len=128", "--device-batch-size=
 
 
 def run(args, base_dir, nproc=1):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
-           "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "scripts.base_train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "scripts.base_train", "--", *args]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA)}
+    if nproc > 1:
+        returncode, output = run_torchrun("-m", "scripts.base_train", "--", *args, nproc=nproc, env=env, timeout=600)
+        assert returncode == 0, output[-6000:]
+        return output
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO_ROOT, capture_output=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env}, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_DATA
-from test_chat_stages import make_tiny_checkpoint, MODEL_TAG
+from conftest import REPO_ROOT, TEST_DATA, run_torchrun
+from helpers import MODEL_TAG, make_tiny_checkpoint
 
 import scripts.chat_eval as chat_eval
 from tasks.chatcore import TASKS, run_categorical_eval, chatcore
@@ -83,14 +83,14 @@ COMMON_ARGS = ["-i", "sft", "--device-type=cpu", "--max-problems=4", "--max-new-
 
 
 def run_chat_eval(base_dir, args, nproc=1):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
-           "OMP_NUM_THREADS": "1"}  # a tiny model on a shared CPU: extra threads only add contention
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "scripts.chat_eval", *args], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"chat_eval failed:\n{output[-4000:]}"
+    env = {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA)}
+    if nproc > 1:
+        returncode, output = run_torchrun("-m", "scripts.chat_eval", *args, nproc=nproc, env=env)
+    else:  # a tiny model on a shared CPU: extra threads only add contention
+        result = subprocess.run([sys.executable, "-m", "scripts.chat_eval", *args], cwd=REPO_ROOT, capture_output=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **env}, text=True, timeout=300)
+        returncode, output = result.returncode, result.stdout + result.stderr
+    assert returncode == 0, f"chat_eval failed:\n{output[-4000:]}"
     return output, {name: (int(c), int(n)) for name, c, n in RESULT_RE.findall(output)}
 
 

@@ -20,50 +20,24 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_DATA
-
-MODEL_TAG = "d2"
-# What base_train records for the stages that continue it (distinctive values, so a test can tell them apart)
-DEVICE_BATCH_SIZE = 2
-RESOLVED = {"total_batch_size": 512, "embedding_lr": 0.25, "unembedding_lr": 0.02, "matrix_lr": 0.03, "scalar_lr": 0.4}
+from conftest import REPO_ROOT, TEST_DATA, run_torchrun
+from helpers import DEVICE_BATCH_SIZE, MODEL_TAG, RESOLVED, make_tiny_checkpoint
 
 
-def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs, with_optimizer=False):
+def run_stage(module, args, base_dir, timeout=300, launcher=(sys.executable,), check=True, nproc=1):
     """
-    Save the tokenizer and one tiny random GPT (step 0) under base_dir/<stage_dir>/d2 for each stage dir,
-    with the batch and LRs a base run records, and (with_optimizer) the state of an optimizer that took
-    one step, as base_train saves it.
+    Run `<launcher> -m module args` (launcher: python, or the stage wrapper and python; nproc > 1: torchrun) on
+    the CPU, offline, against base_dir; -> its combined output (check=False: the finished process).
     """
-    from nanochat.gpt import GPTConfig, build_gpt
-    from nanochat.checkpoint_manager import save_checkpoint
-    tokenizer.save(str(base_dir / "tokenizer"))
-    config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
-    torch.manual_seed(0)
-    model = build_gpt(config, "cpu")
-    optimizer_data = None
-    if with_optimizer:
-        optimizer = model.setup_optimizer(**{k: v for k, v in RESOLVED.items() if k.endswith("_lr")})
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)  # a zero step: moments exist, the weights stay those of the fresh model
-        optimizer.step()
-        optimizer_data = optimizer.state_dict()
-    meta = {"step": 0, "model_config": asdict(config), "device_batch_size": DEVICE_BATCH_SIZE, "resolved": RESOLVED}
-    for stage_dir in stage_dirs:
-        save_checkpoint(str(base_dir / stage_dir / MODEL_TAG), 0, model.state_dict(), optimizer_data, meta)
-    return config
-
-
-def run_stage(module, args, base_dir, timeout=300, launcher=(sys.executable,), check=True):
-    """
-    Run `<launcher> -m module args` (launcher: python, torchrun, or the stage wrapper and python) on the
-    CPU, offline, against base_dir; -> its combined output (check=False: the finished process).
-    """
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
-           "HF_HUB_OFFLINE": "1",  # MMLU auxiliary_train is hub-only: fail fast to the local stand-in
-           "OMP_NUM_THREADS": "1"}  # a tiny model on a shared CPU: extra threads only add contention
-    result = subprocess.run([*launcher, "-m", module, "--device-type=cpu", *args], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    env = {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
+           "HF_HUB_OFFLINE": "1"}  # MMLU auxiliary_train is hub-only: fail fast to the local stand-in
+    if nproc > 1:
+        returncode, output = run_torchrun("-m", module, "--device-type=cpu", *args, nproc=nproc, env=env, timeout=timeout)
+        assert returncode == 0, f"{module} failed:\n{output[-4000:]}"
+        return output
+    result = subprocess.run([*launcher, "-m", module, "--device-type=cpu", *args], cwd=REPO_ROOT, capture_output=True,
+                            env={**os.environ, **env, "OMP_NUM_THREADS": "1"},  # a tiny model: threads only contend
+                            text=True, timeout=timeout)
     if not check:
         return result
     output = result.stdout + result.stderr
@@ -217,10 +191,9 @@ def test_chat_sft_resumes_exactly_on_two_ranks(base_dir, tiny_tokenizer, tmp_pat
     """Each rank packs its own conversations: the checkpoint holds both ranks' data positions and
     optimizer shards, and the resumed pair of processes ends on the same bits as the uninterrupted pair."""
     make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])  # a 1-process optimizer state: a fresh one
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = ["--max-seq-len=128", "--device-batch-size=1", "--total-batch-size=512", "--max-examples-per-task=3",
             "--warmdown-ratio=1.0", "--eval-every=-1", "--eval-tokens=256", "--chatcore-every=-1", "--save-every=2"]
-    output = run_stage("scripts.chat_sft", args, base_dir, launcher=torchrun)
+    output = run_stage("scripts.chat_sft", args, base_dir, nproc=2)
     checkpoints = base_dir / "chatsft_checkpoints" / MODEL_TAG
     last = max(int(p.name[5:11]) for p in checkpoints.glob("meta_*.json"))
     data_states = read_meta(checkpoints, 2)["data_states"]
@@ -228,7 +201,7 @@ def test_chat_sft_resumes_exactly_on_two_ranks(base_dir, tiny_tokenizer, tmp_pat
 
     resumed_dir = tmp_path / "resumed"
     copy_interrupted_run(base_dir, resumed_dir, ["base_checkpoints"], "chatsft_checkpoints", 2)
-    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir, launcher=torchrun)
+    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir, nproc=2)
     full, again = step_log(output, "loss"), step_log(resumed, "loss")
     assert sorted(again) == list(range(3, last + 1)) and again == {s: full[s] for s in again}
     for rank in (0, 1):

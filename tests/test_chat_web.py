@@ -1,9 +1,6 @@
 """The chat server for real: uvicorn on a free local port, a tiny random GPT (or a scripted mock)."""
 import asyncio
-import contextlib
 import json
-import socket
-import threading
 import time
 
 import httpx
@@ -11,66 +8,10 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, reply_parts
-from scripts.chat_web import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app, render_prompt,
-                              server_config)
+from helpers import MESSAGES, ScriptedModel, scripted_server_app, serve
+from scripts.chat_web import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app, render_prompt
 
-
-class ScriptedConfig:
-    n_layer, n_head, n_kv_head, n_embd, sequence_len = 1, 1, 1, 4, 256
-
-
-class ScriptedModel:
-    """
-    Engine contract mock: after a prompt of prompt_len tokens each row writes `script`, one token per step
-    (then repeats its last token). delay: seconds per forward, a slow model. Records (B, T) per forward.
-    """
-
-    def __init__(self, vocab_size, script, prompt_len, delay=0.0):
-        self.config = ScriptedConfig()
-        self.vocab_size, self.script, self.prompt_len, self.delay = vocab_size, script, prompt_len, delay
-        self.calls = []
-
-    def get_device(self):
-        return "cpu"
-
-    def forward(self, ids, kv_cache=None):
-        B, T = ids.shape
-        self.calls.append((B, T))
-        time.sleep(self.delay)
-        logits = torch.zeros(B, T, self.vocab_size)
-        for b, cached in enumerate(kv_cache.cache_seqlens.tolist()):
-            logits[b, -1, self.script[min(cached + T - self.prompt_len, len(self.script) - 1)]] = 100.0
-        kv_cache.advance(T)
-        return logits
-
-
-@contextlib.contextmanager
-def serve(app, **config):
-    """Run the app with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
-    import uvicorn
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(server_config(app, log_level="warning", **config))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread sync costs more than it saves
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +50,6 @@ def reference_reply(model, tokenizer, messages, max_tokens):
     prompt = render_prompt(tokenizer, messages, model.config.sequence_len)
     results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     return prompt, results[0][len(prompt):]
-
-
-MESSAGES = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"},
-            {"role": "user", "content": "Tell me about the history of Rome."}]
 
 
 def test_sse_stream_matches_engine(server, gpt, tiny_tokenizer):
@@ -199,14 +136,6 @@ def test_openai_client(server, gpt, tiny_tokenizer):
                        (dict(stop=["a", "b", "c", "d", "e"]), "stop must be")]:
         with pytest.raises(openai.BadRequestError, match=field):
             client.chat.completions.create(model=model_id, messages=MESSAGES, **bad)
-
-
-def scripted_server_app(tokenizer, text, **kwargs):
-    """An app whose model answers the first message "hi" with `text` then <|assistant_end|>."""
-    messages = [{"role": "user", "content": "hi"}]
-    prompt = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
-    script = tokenizer.encode(text) + [tokenizer.encode_special("<|assistant_end|>")]
-    return create_app([(ScriptedModel(tokenizer.get_vocab_size(), script, len(prompt)), tokenizer)], **kwargs), script
 
 
 def test_stop_token_and_multibyte_text_reach_clients_intact(tiny_tokenizer):

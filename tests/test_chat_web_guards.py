@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from scripts.chat_web import create_app, is_loopback
-from test_chat_web import MESSAGES, ScriptedModel, serve
+from helpers import MESSAGES, ScriptedModel, serve
 
 KEY = "s3cret-key"
 

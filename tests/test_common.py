@@ -3,29 +3,16 @@ nanochat/common.py: a distributed run tears down in a safe order on every way ou
 for real under torchrun (2 ranks, gloo on CPU).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import run_torchrun
 
 
-def run_torchrun(tmp_path, script, timeout=120):
-    """-> (exit status, output) of `script` on 2 ranks; on a timeout the launcher and its ranks are stopped."""
+def run_script_torchrun(tmp_path, script, timeout=120):
     path = tmp_path / "worker.py"
     path.write_text(script)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(path)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    try:
-        output, _ = launcher.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        launcher.terminate()  # torchrun then stops its ranks (each runs in its own session: killing it would not)
-        launcher.communicate(timeout=60)
-        raise
-    return launcher.returncode, output
+    return run_torchrun(path, timeout=timeout)
 
 
 # Creating an optimizer imports torch._dynamo, which imports torch.distributed.nn: imported after the
@@ -54,7 +41,7 @@ print(f"rank {rank} gloo threads after cleanup: {gloo_threads()}", flush=True)
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
 def test_cleanup_joins_the_process_group_threads(tmp_path):
-    returncode, output = run_torchrun(tmp_path, GLOO_THREADS_SCRIPT)
+    returncode, output = run_script_torchrun(tmp_path, GLOO_THREADS_SCRIPT)
     assert returncode == 0, output
     for rank in (0, 1):
         assert f"rank {rank} gloo threads after cleanup: []" in output, output
@@ -76,7 +63,7 @@ compute_cleanup()
 
 @pytest.mark.slow
 def test_failing_rank_exits_at_once_with_its_error(tmp_path):
-    returncode, output = run_torchrun(tmp_path, FAILING_RANK_SCRIPT, timeout=60)
+    returncode, output = run_script_torchrun(tmp_path, FAILING_RANK_SCRIPT, timeout=60)
     assert returncode != 0
     assert "[rank1]: RuntimeError: boom on rank 1" in output, output
     assert "exitcode  : 1" in output and "SIGABRT" not in output, output
@@ -104,7 +91,7 @@ sys.exit(0)
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
 def test_sys_exit_leaves_the_group_cleanly(tmp_path):
-    returncode, output = run_torchrun(tmp_path, EXIT_SCRIPT)
+    returncode, output = run_script_torchrun(tmp_path, EXIT_SCRIPT)
     assert returncode == 0, output
     for rank in (0, 1):
         assert f"rank {rank} gloo threads at exit: []" in output, output

@@ -16,8 +16,8 @@ import torch
 
 from nanochat import core_eval
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.gpt import GPTConfig, build_gpt
-from tests.conftest import REPO_ROOT, TEST_DATA
+from conftest import REPO_ROOT, TEST_DATA, run_torchrun
+from helpers import tiny_gpt
 
 BUNDLE = TEST_DATA / "eval_bundle"
 COPA = [  # the first rows of eval_data/commonsense_reasoning/copa.jsonl
@@ -142,16 +142,15 @@ class LogitsModel(torch.nn.Module):
         self.config = SimpleNamespace(sequence_len=100_000, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
         self.vocab_size = vocab_size
         self.next_token = next_token or {}
-        self.lm_head = torch.nn.Identity()  # like GPT, the last step maps final states to logits
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, logit_positions=None):
         logits = torch.zeros(ids.size(0), ids.size(1), self.vocab_size)
         for b, row in enumerate(ids.tolist()):
             for t in range(len(row)):
                 token = self.next_token.get(tuple(row[:t + 1]))
                 if token is not None:
                     logits[b, t, token] = 30.0
-        return self.lm_head(logits)
+        return logits if logit_positions is None else logits[logit_positions]
 
 
 def oracle_model(tokenizer, data, task_meta):
@@ -194,17 +193,6 @@ def test_uniform_model_picks_the_first_choice(tiny_tokenizer, label):
     uniform = LogitsModel(tiny_tokenizer.get_vocab_size())
     for kwargs in [dict(per_example=True), dict(share_prefix=False), dict(share_prefix=True)]:
         assert core_eval.evaluate_task(uniform, tiny_tokenizer, data, "cpu", task, **kwargs) == expected
-
-
-def tiny_gpt(vocab_size, sequence_len=128):
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                       window_pattern="SL")
-    model = build_gpt(config, "cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
 
 
 def test_batched_paths_match_the_simple_path(tiny_tokenizer):
@@ -293,7 +281,7 @@ def test_evaluate_task_sums_over_ranks(tiny_tokenizer, tmp_path):
         from nanochat.common import compute_init, compute_cleanup
         from nanochat.core_eval import evaluate_task
         from nanochat.tokenizer import RustBPETokenizer
-        from tests.test_core_eval import tiny_gpt
+        from helpers import tiny_gpt
         _, rank, _, _, _ = compute_init("cpu")
         tokenizer = RustBPETokenizer.from_directory({str(tmp_path / "tok")!r})
         spec = json.load(open({str(tmp_path / "data.json")!r}))
@@ -301,9 +289,7 @@ def test_evaluate_task_sums_over_ranks(tiny_tokenizer, tmp_path):
         print(f"RANK {{rank}} ACC {{accuracy!r}}")
         compute_cleanup()
     """))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    returncode, output = run_torchrun(script, timeout=240)
+    assert returncode == 0, output[-3000:]
     single = core_eval.evaluate_task(tiny_gpt(tiny_tokenizer.get_vocab_size()), tiny_tokenizer, data, "cpu", task)
-    assert f"RANK 0 ACC {single!r}" in result.stdout and f"RANK 1 ACC {single!r}" in result.stdout
+    assert f"RANK 0 ACC {single!r}" in output and f"RANK 1 ACC {single!r}" in output

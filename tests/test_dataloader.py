@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_DATA, pretrain_texts
+from conftest import REPO_ROOT, TEST_DATA, pretrain_texts, run_torchrun
 from nanochat import dataset
 from nanochat.dataloader import (BatchStager, BestFitPacker, tokenizing_distributed_data_loader,
                                  tokenizing_distributed_data_loader_bos_bestfit,
@@ -223,7 +223,7 @@ def test_crop_fraction_at_T2048(test_data, tokenizer_32k):
     """
     Crop fraction = tokens of consumed documents cut off by cropping / all their tokens. Measured on
     the shared Wikipedia shards: ~1% with 32K vocab (~2.4% with the 1024-vocab fixture) against ~28%
-    (~39%) for greedy in-order packing of the same documents. The SPEC's ~35% is for FineWeb-Edu, whose
+    (~39%) for greedy in-order packing of the same documents. The ~35% usually quoted is for FineWeb-Edu, whose
     documents are much longer than these articles (median ~220 tokens). The assertion compares with
     the greedy baseline computed here on the same documents, so it fails if picking is not best-fit.
     """
@@ -320,9 +320,6 @@ def test_loader_thread_is_stopped_before_interpreter_exit(test_data, tiny_tokeni
 @pytest.mark.slow
 def test_ranks_disjoint_under_torchrun(test_data, tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(REPO_ROOT / "tests" / "dist_loader_check.py"), str(tmp_path / "tokenizer")],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "rank 0 ok" in result.stdout
+    returncode, output = run_torchrun(REPO_ROOT / "tests" / "dist_loader_check.py", tmp_path / "tokenizer")
+    assert returncode == 0, output
+    assert "rank 0 ok" in output

@@ -4,11 +4,11 @@ import time
 import pytest
 import torch
 
-from nanochat.engine import Engine, KVCache, StreamDecoder, sample_next_token, use_calculator
+from helpers import MockConfig, make_gpt
+from nanochat.engine import Engine, StreamDecoder, sample_next_token, use_calculator
+from nanochat.kv_cache import KVCache
 
-
-class MockConfig:
-    n_layer, n_head, n_kv_head, n_embd, sequence_len = 2, 2, 1, 8, 128
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class MockModel:
@@ -36,35 +36,6 @@ class MockModel:
                 logits[:, t, self.script[min(max(index, 0), len(self.script) - 1)]] = 100.0
         kv_cache.advance(T)
         return logits
-
-
-def make_gpt(vocab_size, sequence_len=64, device="cpu"):
-    """A tiny random GPT of the 2026 architecture whose every part matters: init_weights zeroes the output
-    projections and smear_lambda, so redraw all matrices (otherwise attention, and with it the KV cache, would
-    not influence the logits) and turn smear and backout well on."""
-    from nanochat.gpt import GPTConfig, build_gpt
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                       n_embd=64, window_pattern="SL", rotary_base=100000.0, qk_scale=1.2, short_window=32,
-                       ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True)
-    model = build_gpt(config, device)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, p.size(1) ** -0.5)
-        model.smear_lambda.fill_(0.8)
-        model.backout_lambda.fill_(0.5)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread: with two, the sync overhead dominates (and explodes when
-    the machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

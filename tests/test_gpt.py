@@ -4,9 +4,6 @@ architectures; init statistics, state-dict keys, FLOP/parameter accounting, wind
 across prefill chunks), training behaviour and the optimizer's param groups.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt, config_for_depth
 from nanochat.optim import MuonAdamW
 
-from conftest import REPO_ROOT, CountHostReads
+from conftest import CountHostReads, run_torchrun
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -270,7 +267,7 @@ def test_bad_config_is_a_clear_error():
 
 
 class MinimalKVCache:
-    """The KV-cache contract the model relies on (nanochat.engine.KVCache honours it too)."""
+    """The KV-cache contract the model relies on (nanochat.kv_cache.KVCache honours it too)."""
 
     def __init__(self, config, batch_size, max_len):
         head_dim = config.n_embd // config.n_head
@@ -304,6 +301,21 @@ def test_kv_cache_chunked_prefill_and_decode_match_full_forward(recipe):
         pieces.append(model(idx[:, t:t + 1], kv_cache=cache))
     assert cache.get_pos() == T
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", [{}, RECIPE_2026])
+def test_logit_positions_select_the_full_forwards_logits(recipe):
+    """Only the asked-for (row, position) logits, in the asked-for order (repeats too), with and without a cache."""
+    config = tiny_config(**recipe)
+    model = randomize_(build_model(config))
+    idx = random_tokens(config, 2, 12, seed=4)
+    full = model(idx)
+    rows, positions = torch.tensor([1, 0, 1, 1]), torch.tensor([11, 3, 0, 11])
+    torch.testing.assert_close(model(idx, logit_positions=(rows, positions)), full[rows, positions], atol=1e-5, rtol=1e-5)
+    cache = MinimalKVCache(config, batch_size=2, max_len=12)
+    model(idx[:, :5], kv_cache=cache)
+    cached = model(idx[:, 5:], kv_cache=cache, logit_positions=(rows[:2], torch.tensor([6, 0])))
+    torch.testing.assert_close(cached, full[rows[:2], torch.tensor([11, 5])], atol=1e-4, rtol=1e-4)
 
 
 def test_generate_is_greedy_at_temperature_zero_and_seeded_otherwise():
@@ -424,12 +436,9 @@ compute_cleanup()
 def test_setup_optimizer_is_distributed_under_torchrun(tmp_path):
     script = tmp_path / "dist_gpt_check.py"
     script.write_text(DIST_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
+    returncode, output = run_torchrun(script)
+    assert returncode == 0, output
+    assert "rank 0 ok" in output and "rank 1 ok" in output
 
 
 # ------------------------------------------------------------------ compute dtype (no autocast)
@@ -463,7 +472,7 @@ def test_low_precision_model_matches_the_fp32_reference(monkeypatch, dtype):
 
 def test_kv_cache_decoding_never_reads_tensors_back_to_the_host():
     """Positions come from the cache's Python counter: no GPU sync in any layer of any decode step."""
-    from nanochat.engine import KVCache
+    from nanochat.kv_cache import KVCache
     config = tiny_config(**RECIPE_2026)
     model = randomize_(build_model(config))
     cache = KVCache(batch_size=2, num_heads=config.n_kv_head, seq_len=20, head_dim=config.n_embd // config.n_head,
@@ -481,7 +490,7 @@ def test_training_and_decoding_keep_every_tensor_on_the_model_device():
     the CPU and fails to mix with meta tensors, the bug that would break the same code on CUDA. (A FakeTensor
     "cuda" trace is not possible without CUDA: the CPU build aborts the process on .to() of a fake CUDA tensor.)
     """
-    from nanochat.engine import KVCache
+    from nanochat.kv_cache import KVCache
     config = tiny_config(**RECIPE_2026)
     model = build_gpt(config, "meta")
     optimizer = model.setup_optimizer()

@@ -7,14 +7,11 @@ schedules, and the batch-size rule's table.
 
 import math
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO_ROOT, run_torchrun
 from nanochat.common import UserError
 from nanochat.optim import (
     DistMuonAdamW,
@@ -31,8 +28,6 @@ from nanochat.optim import (
     restore_norm,
     transfer_weight_decay,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The published Polar Express coefficients, transcribed independently of nanochat/optim.py.
 PUBLISHED_COEFFS = [
@@ -306,21 +301,11 @@ def test_fp16_training_with_the_scaler_learns(monkeypatch):
 # ------------------------------------------------------------------ distributed
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_dist_muon_adamw_matches_single_process_under_torchrun(tmp_path):
     """2 gloo ranks: same params as MuonAdamW on the global batch, sharded state, exact per-rank resume."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(REPO_ROOT / "tests" / "dist_optim_check.py"), str(tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    returncode, output = run_torchrun(REPO_ROOT / "tests" / "dist_optim_check.py", tmp_path)
+    assert returncode == 0, output
     assert output.count("resume from per-rank state is exact") == 2, output
     assert output.count("an overflow on one rank skips the step on all") == 2, output
     assert sorted(os.listdir(tmp_path)) == ["optim_rank0.pt", "optim_rank1.pt"]

@@ -4,7 +4,9 @@ import torch
 
 from nanochat.engine import Engine
 from nanochat.serving import BatchScheduler, Generation, StopText
-from test_engine import MockConfig, make_gpt, one_torch_thread  # noqa: F401 (a fixture)
+from helpers import MockConfig, make_gpt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ChainModel:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from test_chat_web import scripted_server_app, serve
+from helpers import scripted_server_app, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT_COPY = "/tmp/nanochat_ui.png"
