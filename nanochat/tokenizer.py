@@ -21,8 +21,9 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-# Appended after the learned merges, in this order (their ids are part of the checkpoint format).
-SPECIAL_TOKENS = [
+# The special tokens of the chat format, appended after the learned merges in this order (their ids are
+# part of the checkpoint format).
+CONTROL_TOKENS = [
     "<|bos|>",  # starts every document; the dataloader aligns rows on it
     "<|user_start|>", "<|user_end|>",
     "<|assistant_start|>", "<|assistant_end|>",
@@ -44,18 +45,18 @@ class RustBPETokenizer:
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
-        """Learn vocab_size - len(SPECIAL_TOKENS) byte-level merges from an iterator of strings."""
-        num_mergeable = vocab_size - len(SPECIAL_TOKENS)
+        """Learn vocab_size - len(CONTROL_TOKENS) byte-level merges from an iterator of strings."""
+        num_mergeable = vocab_size - len(CONTROL_TOKENS)
         if num_mergeable < 256:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
-                             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+            raise ValueError(f"vocab_size must be at least {256 + len(CONTROL_TOKENS)} "
+                             f"(256 bytes + {len(CONTROL_TOKENS)} special tokens), got {vocab_size}")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, num_mergeable, pattern=SPLIT_PATTERN)
         mergeable_ranks = dict(trainer.get_mergeable_ranks())
         # A tiny corpus can run out of pairs to merge; specials then follow the last learned token
         # so ids stay contiguous (get_vocab_size() reports the real size).
         first_special = len(mergeable_ranks)
-        special_tokens = {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special_tokens = {name: first_special + i for i, name in enumerate(CONTROL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=SPLIT_PATTERN,
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         return cls(enc, "<|bos|>")

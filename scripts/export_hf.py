@@ -32,7 +32,7 @@ from nanochat.checkpoint_manager import STAGE_DIRS, load_model
 from nanochat.common import UserError, compute_init
 from nanochat.gpt import LOGIT_SOFTCAP, SMEAR_CHANNELS
 from nanochat.stage import add_checkpoint_flags
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
+from nanochat.tokenizer import CONTROL_TOKENS, SPLIT_PATTERN
 
 HF_CODE_DIR = os.path.join(os.path.dirname(nanochat.__file__), "hf")  # the package data copied into the export
 CODE_FILES = ["configuration_nanochat.py", "modeling_nanochat.py"]
@@ -134,8 +134,8 @@ def tokenizer_json(tokenizer):
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     enc = tokenizer.enc
-    special_ids = {name: tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
-    if set(tokenizer.get_special_tokens()) != set(SPECIAL_TOKENS):
+    special_ids = {name: tokenizer.encode_special(name) for name in CONTROL_TOKENS}
+    if set(tokenizer.get_special_tokens()) != set(CONTROL_TOKENS):
         raise UserError("The export covers nanochat's own tokenizer (scripts.tok_train) only, not this encoding")
     byte_char = bytes_to_unicode()
     vocab = {}
@@ -159,8 +159,8 @@ def tokenizer_json(tokenizer):
     # tokenizer(text) starts with <|bos|>, as every document did in training; chat templates add their own
     hf.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
                                                       special_tokens=[("<|bos|>", special_ids["<|bos|>"])])
-    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SPECIAL_TOKENS])
-    added = {name: hf.token_to_id(name) for name in SPECIAL_TOKENS}
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in CONTROL_TOKENS])
+    added = {name: hf.token_to_id(name) for name in CONTROL_TOKENS}
     assert added == special_ids, f"special token ids moved: {added} vs {special_ids}"
     return hf.to_str()
 

@@ -13,7 +13,7 @@ import time
 from nanochat.common import get_base_dir, positive
 from nanochat.dataset import parquets_iter_batched, split_files
 from nanochat.report import get_report
-from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
+from nanochat.tokenizer import CONTROL_TOKENS, RustBPETokenizer
 
 
 parser = argparse.ArgumentParser(description="Train the BPE tokenizer")
@@ -21,9 +21,9 @@ parser.add_argument("--max-chars", type=positive(int), default=2_000_000_000, he
 parser.add_argument("--doc-cap", type=positive(int), default=10_000, help="use at most this many characters of each document")
 parser.add_argument("--vocab-size", type=positive(int), default=32768, help="vocabulary size, special tokens included")
 args = parser.parse_args()
-min_vocab_size = 256 + len(SPECIAL_TOKENS)
+min_vocab_size = 256 + len(CONTROL_TOKENS)
 if args.vocab_size < min_vocab_size:
-    parser.error(f"--vocab-size must be at least {min_vocab_size} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    parser.error(f"--vocab-size must be at least {min_vocab_size} (256 bytes + {len(CONTROL_TOKENS)} special tokens)")
 print(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
 try:
     split_files("train")  # says where the shards come from, or how to get some
@@ -73,7 +73,7 @@ get_report().log(section="Tokenizer training", data=[
         "train_docs": consumed["docs"],
         "train_chars": consumed["chars"],
         "trained_vocab_size": tokenizer.get_vocab_size(),
-        "num_special_tokens": len(SPECIAL_TOKENS),
+        "num_special_tokens": len(CONTROL_TOKENS),
         "token_bytes_min": int(ordinary.min()),
         "token_bytes_max": int(ordinary.max()),
         "token_bytes_mean": round(ordinary.mean().item(), 3),

@@ -115,7 +115,7 @@ MESSAGES = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "c
 
 # Bits per byte: a model, token byte counts and batches with ignored and special-token targets
 BPB_VOCAB = 96
-BPB_SPECIAL = [90, 91]  # token ids standing for special tokens: 0 bytes
+BPB_ZERO_BYTE_IDS = [90, 91]  # token ids standing for special tokens: 0 bytes
 
 
 def bpb_model():
@@ -131,7 +131,7 @@ def bpb_model():
 
 def bpb_token_bytes():
     token_bytes = torch.randint(1, 5, (BPB_VOCAB,), generator=torch.Generator().manual_seed(0))
-    token_bytes[BPB_SPECIAL] = 0
+    token_bytes[BPB_ZERO_BYTE_IDS] = 0
     return token_bytes
 
 
@@ -142,7 +142,7 @@ def bpb_batches(seed, num_batches=2):
         x = torch.randint(0, BPB_VOCAB, (3, 16), generator=gen)
         y = torch.randint(0, BPB_VOCAB, (3, 16), generator=gen)
         y[0, :3] = -1  # ignored positions (e.g. masked chat tokens)
-        y[1, 5], y[2, 7] = BPB_SPECIAL  # special-token targets
+        y[1, 5], y[2, 7] = BPB_ZERO_BYTE_IDS  # special-token targets
         batches.append((x, y))
     return batches
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_torchrun
-from helpers import BPB_SPECIAL, bpb_batches, bpb_model, bpb_token_bytes
+from helpers import BPB_ZERO_BYTE_IDS, bpb_batches, bpb_model, bpb_token_bytes
 from nanochat.loss_eval import evaluate_bpb
 
 def reference_bpb(model, batches, token_bytes):
@@ -42,11 +42,11 @@ def test_excluded_targets_do_not_count():
     x, y = bpb_batches(seed=2, num_batches=1)[0]
     y_all_excluded = y.clone()
     y_all_excluded[0] = -1
-    y_all_excluded[1] = BPB_SPECIAL[0]
-    y_all_excluded[2] = BPB_SPECIAL[1]
+    y_all_excluded[1] = BPB_ZERO_BYTE_IDS[0]
+    y_all_excluded[2] = BPB_ZERO_BYTE_IDS[1]
     assert evaluate_bpb(model, iter([(x, y_all_excluded)]), 1, token_bytes) == float("inf")  # nothing to score
     y_other_special = y.clone()
-    y_other_special[1, 5] = BPB_SPECIAL[1]
+    y_other_special[1, 5] = BPB_ZERO_BYTE_IDS[1]
     assert evaluate_bpb(model, iter([(x, y)]), 1, token_bytes) == evaluate_bpb(model, iter([(x, y_other_special)]), 1, token_bytes)
 
 

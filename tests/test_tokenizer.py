@@ -12,7 +12,7 @@ import tiktoken
 import torch
 
 from conftest import REPO_ROOT, TEST_DATA, pretrain_texts
-from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, get_token_bytes,
+from nanochat.tokenizer import (CONTROL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, get_token_bytes,
                                 get_tokenizer)
 
 # Character pools for random strings: each one stresses a different part of byte-level BPE.
@@ -43,7 +43,7 @@ def random_text(rng):
         elif kind < 0.2:
             pieces.append("".join(rng.choice("0123456789") for _ in range(rng.randrange(5, 40))))
         elif kind < 0.3:
-            pieces.append(rng.choice(SPECIAL_TOKENS))
+            pieces.append(rng.choice(CONTROL_TOKENS))
         else:
             pool = rng.choice(POOLS)
             pieces.append("".join(rng.choice(pool) for _ in range(rng.randrange(1, 15))))
@@ -58,8 +58,8 @@ def random_texts():
 
 def test_training_gives_requested_vocab_with_specials_last(tiny_tokenizer):
     assert tiny_tokenizer.get_vocab_size() == 1024
-    first_special = 1024 - len(SPECIAL_TOKENS)
-    for i, name in enumerate(SPECIAL_TOKENS):
+    first_special = 1024 - len(CONTROL_TOKENS)
+    for i, name in enumerate(CONTROL_TOKENS):
         assert tiny_tokenizer.encode_special(name) == first_special + i
         assert tiny_tokenizer.decode([first_special + i]) == name
     assert tiny_tokenizer.get_bos_token_id() == first_special
@@ -71,7 +71,7 @@ def test_tiny_corpus_keeps_ids_contiguous():
     tokenizer = RustBPETokenizer.train_from_iterator(["ab ab ab"], vocab_size=1024)
     vocab_size = tokenizer.get_vocab_size()
     assert vocab_size < 1024
-    assert tokenizer.get_bos_token_id() == vocab_size - len(SPECIAL_TOKENS)
+    assert tokenizer.get_bos_token_id() == vocab_size - len(CONTROL_TOKENS)
     assert tokenizer.decode(tokenizer.encode("ab ba")) == "ab ba"
 
 
@@ -101,14 +101,14 @@ def test_digits_are_grouped_at_most_two(tiny_tokenizer):
     digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
     assert digit_pieces and all(p.isdigit() and len(p) <= 2 for p in digit_pieces), digit_pieces
     # and no token in the whole vocabulary holds three digits
-    for i in range(256, tiny_tokenizer.get_vocab_size() - len(SPECIAL_TOKENS)):
+    for i in range(256, tiny_tokenizer.get_vocab_size() - len(CONTROL_TOKENS)):
         token = tiny_tokenizer.enc.decode_single_token_bytes(i)
         assert sum(chr(b).isdigit() for b in token) <= 2
 
 
 def test_special_tokens_never_come_from_text(tiny_tokenizer, random_texts):
-    special_ids = {tiny_tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
-    text = "".join(SPECIAL_TOKENS) + " a document quoting <|bos|> and <|assistant_end|> literally"
+    special_ids = {tiny_tokenizer.encode_special(name) for name in CONTROL_TOKENS}
+    text = "".join(CONTROL_TOKENS) + " a document quoting <|bos|> and <|assistant_end|> literally"
     ids = tiny_tokenizer.encode(text)
     assert not special_ids & set(ids)
     assert tiny_tokenizer.decode(ids) == text
@@ -137,7 +137,7 @@ def test_batch_encode_equals_serial(tiny_tokenizer, random_texts):
 def test_token_bytes_count_utf8_bytes(tiny_tokenizer, random_texts):
     token_bytes = tiny_tokenizer.token_bytes()
     assert token_bytes.dtype == torch.int32 and len(token_bytes) == tiny_tokenizer.get_vocab_size()
-    assert all(token_bytes[tiny_tokenizer.encode_special(name)] == 0 for name in SPECIAL_TOKENS)
+    assert all(token_bytes[tiny_tokenizer.encode_special(name)] == 0 for name in CONTROL_TOKENS)
     for text in random_texts + list(pretrain_texts(max_chars=50_000, shard=-1)):
         ids = tiny_tokenizer.encode(text)
         assert token_bytes[ids].sum().item() == len(text.encode("utf-8"))
