@@ -36,11 +36,16 @@ def tiny_gpt(vocab_size, sequence_len=128):
     """A tiny January-architecture GPT with every parameter redrawn large, so scores differ clearly."""
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
                        window_pattern="SL")
+    return redrawn_gpt(config, scale=0.3)
+
+
+def redrawn_gpt(config, scale):
+    """A GPT of this config with every parameter redrawn from N(0, scale^2) (seed 0), in eval mode."""
     model = build_gpt(config, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
+            p.copy_(torch.randn_like(p) * scale)
     return model.eval()
 
 
@@ -113,7 +118,7 @@ MESSAGES = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "c
             {"role": "user", "content": "Tell me about the history of Rome."}]
 
 
-# Bits per byte: a model, token byte counts and batches with ignored and special-token targets
+# Bits per byte: a model, token byte counts and batches with ignored and zero-byte (special-token) targets
 BPB_VOCAB = 96
 BPB_ZERO_BYTE_IDS = [90, 91]  # token ids standing for special tokens: 0 bytes
 
@@ -121,12 +126,7 @@ BPB_ZERO_BYTE_IDS = [90, 91]  # token ids standing for special tokens: 0 bytes
 def bpb_model():
     """A small random GPT for the bits-per-byte tests (and their workers on other ranks)."""
     config = GPTConfig(sequence_len=16, vocab_size=BPB_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
-    model = build_gpt(config, "cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
+    return redrawn_gpt(config, scale=0.2)
 
 
 def bpb_token_bytes():
