@@ -365,27 +365,44 @@ def find_last_step(checkpoint_dir):
     return steps[-1]
 
 
-def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
-    """Pick the tag (largest model) and step (latest) unless given, then build -> (model, tokenizer, meta_data,
-    model_tag, step): what was picked comes back, so no caller picks it again."""
+def pick_checkpoint(checkpoints_dir, model_tag=None, step=None):
+    """-> (checkpoint_dir, model_tag, step): the given tag and step, else the largest model and its latest step."""
     model_tag = model_tag or find_largest_model(checkpoints_dir)
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"No model tag {model_tag!r} in {checkpoints_dir} (have: {sorted(os.listdir(checkpoints_dir))})")
     step = find_last_step(checkpoint_dir) if step is None else step
-    logger.info(f"Loading model from {checkpoint_dir} at step {step}")
-    return (*build_model(checkpoint_dir, step, device, phase), model_tag, step)
+    return checkpoint_dir, model_tag, step
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
-    """source: base|sft|rl -> (model, tokenizer, meta_data, model_tag, step) from base_dir/<stage>_checkpoints."""
+def stage_checkpoints_dir(source):
+    """base|sft|rl -> base_dir/<stage>_checkpoints, which must hold at least one model."""
     if source not in STAGE_DIRS:
         raise ValueError(f"source must be one of {sorted(STAGE_DIRS)}, got {source!r}")
     checkpoints_dir = os.path.join(get_base_dir(), STAGE_DIRS[source])
     if not os.path.isdir(checkpoints_dir) or not os.listdir(checkpoints_dir):
         raise FileNotFoundError(f"No {source} checkpoints in {checkpoints_dir}: run `python -m {STAGE_SCRIPTS[source]}` "
                                 f"first (or set NANOCHAT_BASE_DIR to the run's base dir)")
-    return load_model_from_dir(checkpoints_dir, device, phase, model_tag, step)
+    return checkpoints_dir
+
+
+def find_checkpoint(source, model_tag=None, step=None):
+    """source: base|sft|rl -> (checkpoint_dir, model_tag, step) that load_model(source, ...) would load: for
+    callers that need to know which checkpoint the defaults picked."""
+    return pick_checkpoint(stage_checkpoints_dir(source), model_tag, step)
+
+
+def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=None):
+    """Pick the tag (largest model) and step (latest) unless given, then build -> (model, tokenizer, meta_data)."""
+    checkpoint_dir, model_tag, step = pick_checkpoint(checkpoints_dir, model_tag, step)
+    logger.info(f"Loading model from {checkpoint_dir} at step {step}")
+    return build_model(checkpoint_dir, step, device, phase)
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """source: base|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints. To know which tag
+    and step the defaults picked, call find_checkpoint first and pass them here."""
+    return load_model_from_dir(stage_checkpoints_dir(source), device, phase, model_tag, step)
 
 
 # ---------------------------------------------------------------------------------------------------

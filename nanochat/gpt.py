@@ -349,6 +349,8 @@ class GPT(nn.Module):
         if kv_cache is None:
             previous = x.new_zeros(B, 1, C)
         else:
+            if kv_cache.prev_embed is None:  # a cache built without embed_dim: its first forward creates it
+                kv_cache.prev_embed = x.new_zeros(B, C)
             has_previous = (kv_cache.cache_seqlens > 0).view(B, 1, 1)
             previous = torch.where(has_previous, kv_cache.prev_embed.unsqueeze(1).to(x.dtype), 0.0)
             kv_cache.prev_embed.copy_(x[:, -1])
@@ -381,10 +383,13 @@ class GPT(nn.Module):
                               for left, _ in self.window_sizes)
         return 6 * matmul_params + attention_flops
 
-    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
+    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0,
+                        adam_betas=None, scalar_lr=0.5):
         """
         One optimizer for everything: AdamW for embeddings, lm_head and scalars, Muon for block matrices.
         The LRs arrive scaled for the batch size; weight_decay is Muon's (the AdamW decays are fixed here).
+        adam_betas: one (beta1, beta2) for the lm_head, embedding and resid groups, as in the January recipe;
+        None (the default) gives each group the betas tuned for it below.
         """
         # The AdamW learning rates were tuned at width 768; wider models take proportionally smaller steps.
         scale = (self.config.n_embd / 768) ** -0.5
@@ -392,15 +397,18 @@ class GPT(nn.Module):
         def adamw(params, lr, betas, weight_decay=0.0):
             return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=weight_decay)
 
+        def tuned(betas):
+            return betas if adam_betas is None else tuple(adam_betas)
+
         # Each table and scalar set gets its own betas and decay: the embeddings see sparse, rare-token
         # gradients, so a long second-moment memory (0.995) keeps their steps from jumping when a rare
         # token shows up; a little decay keeps unused rows from drifting.
         groups = [
-            adamw([self.lm_head.weight], unembedding_lr * scale, (0.8, 0.96), weight_decay=0.01),
-            adamw([self.transformer.wte.weight], embedding_lr * scale, (0.8, 0.995), weight_decay=0.001),
+            adamw([self.lm_head.weight], unembedding_lr * scale, tuned((0.8, 0.96)), weight_decay=0.01),
+            adamw([self.transformer.wte.weight], embedding_lr * scale, tuned((0.8, 0.995)), weight_decay=0.001),
             # value embeddings enter every other layer's values directly: half the token-embedding LR
-            adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * scale, (0.8, 0.995), weight_decay=0.01),
-            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), weight_decay=0.05),  # sensitive: move slowly
+            adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * scale, tuned((0.8, 0.995)), weight_decay=0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, tuned((0.8, 0.95)), weight_decay=0.05),  # sensitive: move slowly
             adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95)),  # higher beta1 for x0 helped at d20
         ]
         # The smear and backout gates (present only when the config turns them on) are a handful of scalars

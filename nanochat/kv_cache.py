@@ -9,7 +9,8 @@ class KVCache:
     Keys and values of every layer for B rows: k_cache/v_cache are (num_layers, B, T, H, D), the
     (B, T, H, D) layout flash_attn_with_kvcache expects, and cache_seqlens (B,) the tokens each row holds.
     prev_embed (B, embed_dim): each row's last token embedding, which the model's smear mixes into the next
-    token (meaningless in a row that holds no tokens).
+    token (meaningless in a row that holds no tokens). The first seven arguments are the established
+    signature; without embed_dim, prev_embed is None until the model's first forward creates it.
     Rows may hold different numbers of tokens (a server's rows are unrelated conversations); `pos`, the
     longest row's length, is also kept as a Python int, so reading it never syncs with the GPU.
     """
@@ -18,12 +19,12 @@ class KVCache:
     # new per-row state only needs an entry here.
     ROW_DIMS = {"k_cache": 1, "v_cache": 1, "cache_seqlens": 0, "prev_embed": 0}
 
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, embed_dim):
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype, embed_dim=None):
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        self.prev_embed = torch.zeros(batch_size, embed_dim, device=device, dtype=dtype)
+        self.prev_embed = None if embed_dim is None else torch.zeros(batch_size, embed_dim, device=device, dtype=dtype)
         self.pos = 0
 
     @property
@@ -60,7 +61,10 @@ class KVCache:
         n = other.pos
         self.k_cache[:, :, :n] = other.k_cache[:, :, :n]  # broadcast over the batch dim
         self.v_cache[:, :, :n] = other.v_cache[:, :, :n]
-        self.prev_embed.copy_(other.prev_embed.expand_as(self.prev_embed))
+        if other.prev_embed is not None:
+            if self.prev_embed is None:
+                self.prev_embed = other.prev_embed.new_zeros(self.batch_size, other.prev_embed.size(1))
+            self.prev_embed.copy_(other.prev_embed.expand_as(self.prev_embed))
         self.cache_seqlens.fill_(n)
         self.pos = n
 
@@ -71,7 +75,8 @@ class KVCache:
         """
         view = copy.copy(self)
         for name, dim in self.ROW_DIMS.items():
-            setattr(view, name, getattr(self, name).narrow(dim, start, stop - start))
+            if getattr(self, name) is not None:
+                setattr(view, name, getattr(self, name).narrow(dim, start, stop - start))
         view.pos = pos
         return view
 
@@ -79,7 +84,8 @@ class KVCache:
         """Copy row src's whole state over row dst."""
         for name, dim in self.ROW_DIMS.items():
             tensor = getattr(self, name)
-            tensor.select(dim, dst).copy_(tensor.select(dim, src))
+            if tensor is not None:
+                tensor.select(dim, dst).copy_(tensor.select(dim, src))
 
     @classmethod
     def for_model(cls, config, batch_size, seq_len, device, dtype):

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from nanochat.checkpoint_manager import STAGE_DIRS, load_model
+from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
@@ -35,7 +35,8 @@ try:
     bundle_dir = get_eval_bundle_dir()  # first: no point loading a model we cannot evaluate
 except RuntimeError as e:
     sys.exit(str(e))
-model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
+_, model_tag, step = find_checkpoint(args.source, args.model_tag, args.step)
+model, tokenizer, meta = load_model(args.source, device, "eval", model_tag, step)
 print0(f"Evaluating {args.source} model {model_tag} step {step} on {world_size} process(es)")
 
 t0 = time.time()

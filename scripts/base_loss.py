@@ -9,7 +9,7 @@ Writes the "Base model loss" report section.
 
 import argparse
 
-from nanochat.checkpoint_manager import STAGE_DIRS, load_model
+from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, print_banner, positive
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
@@ -28,7 +28,8 @@ args = parser.parse_args()
 
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
+_, model_tag, step = find_checkpoint(args.source, args.model_tag, args.step)
+model, tokenizer, meta = load_model(args.source, device, "eval", model_tag, step)
 token_bytes = get_token_bytes(device=device)
 seq_len = model.config.sequence_len
 

@@ -11,7 +11,7 @@ import time
 import argparse
 
 from nanochat.common import compute_init, compute_cleanup, print0, positive
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import find_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.stage import add_checkpoint_flags
@@ -41,7 +41,8 @@ def main():
     task_names = parse_task_names(args.task_name)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    model, tokenizer, meta, model_tag, step = load_model(args.source, device, "eval", args.model_tag, args.step)
+    _, model_tag, step = find_checkpoint(args.source, args.model_tag, args.step)
+    model, tokenizer, meta = load_model(args.source, device, "eval", model_tag, step)
     engine = Engine(model, tokenizer)
 
     accuracies = {}

@@ -26,7 +26,7 @@ import torch
 
 from nanochat.common import (compute_cleanup, print0, get_compute_dtype, synchronize, get_base_dir, get_max_memory_mb,
                              format_duration, positive, all_reduce_sum)
-from nanochat.checkpoint_manager import load_model, resume_training, check_resume_step, STAGE_DIRS
+from nanochat.checkpoint_manager import find_checkpoint, load_model, resume_training, check_resume_step, STAGE_DIRS
 from nanochat.chat_train import training_rows, group_advantages, policy_gradient_loss, loss_normaliser
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
@@ -62,7 +62,8 @@ ddp, rank, world_size, device, wandb_run = start_run(args, "nanochat-rl", user_c
 device_type = device.type
 
 # No torch.compile: every step's samples have a different length, and the Engine runs the model eagerly.
-model, tokenizer, _, model_tag, source_step = load_model(args.source, device, "train", args.model_tag, args.step)
+_, model_tag, source_step = find_checkpoint(args.source, args.model_tag, args.step)
+model, tokenizer, _ = load_model(args.source, device, "train", model_tag, source_step)
 checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["rl"], model_tag)
 engine = Engine(model, tokenizer)
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,

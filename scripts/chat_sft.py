@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_cleanup, print0, get_compute_dtype, synchronize, get_base_dir, get_max_memory_mb,
                              format_duration, positive)
-from nanochat.checkpoint_manager import load_model, resume_training, check_resume_step, gather_from_ranks, STAGE_DIRS
+from nanochat.checkpoint_manager import find_checkpoint, load_model, resume_training, check_resume_step, gather_from_ranks, STAGE_DIRS
 from nanochat.chat_train import conversation_batches, loss_normaliser, load_optimizer_state
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
@@ -74,7 +74,8 @@ CHATCORE_MAX_NEW_TOKENS = 256  # room for a worked GSM8K answer; longer ones are
 ddp, rank, world_size, device, wandb_run = start_run(args, "nanochat-sft", user_config)
 device_type = device.type
 
-model, tokenizer, source_meta, model_tag, source_step = load_model(args.source, device, "train", args.model_tag, args.step)
+_, model_tag, source_step = find_checkpoint(args.source, args.model_tag, args.step)
+model, tokenizer, source_meta = load_model(args.source, device, "train", model_tag, source_step)
 source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
 checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], model_tag)
 token_bytes = get_token_bytes(device=device)

@@ -473,7 +473,7 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import find_checkpoint, load_model
     from nanochat.common import autodetect_device_type
     import uvicorn
 
@@ -489,9 +489,10 @@ def main():
     max_batch = args.max_batch or (32 if device_type == "cuda" else 8)
     compile = bool(args.compile) if args.compile >= 0 else device_type == "cuda"
     if device_type == "cuda":
-        replicas, model_tag, step = [], args.model_tag, args.step
-        for i in range(args.num_gpus):  # every replica loads the checkpoint the first one picked
-            model, tokenizer, _, model_tag, step = load_model(args.source, torch.device("cuda", i), "eval", model_tag, step)
+        _, model_tag, step = find_checkpoint(args.source, args.model_tag, args.step)  # one checkpoint for every replica
+        replicas = []
+        for i in range(args.num_gpus):
+            model, tokenizer, _ = load_model(args.source, torch.device("cuda", i), "eval", model_tag, step)
             replicas.append((model, tokenizer))
     else:
         # CPU/MPS workers share one copy of the weights: inference never writes to them

@@ -28,7 +28,7 @@ import tempfile
 import torch
 
 import nanochat
-from nanochat.checkpoint_manager import STAGE_DIRS, load_model
+from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import UserError, compute_init
 from nanochat.gpt import LOGIT_SOFTCAP, SMEAR_CHANNELS
 from nanochat.stage import add_checkpoint_flags
@@ -222,7 +222,8 @@ def main(argv=None):
         raise UserError(f"The export needs the [hf] extra ({e.name} is missing): pip install -e '.[hf]'") from e
     os.environ["NANOCHAT_DTYPE"] = "float32"  # checkpoints are fp32 on disk: keep every weight exactly
     compute_init("cpu")
-    model, tokenizer, meta, model_tag, step = load_model(args.source, "cpu", "eval", args.model_tag, args.step)
+    _, model_tag, step = find_checkpoint(args.source, args.model_tag, args.step)
+    model, tokenizer, meta = load_model(args.source, "cpu", "eval", model_tag, step)
     export(model, tokenizer, meta["model_config"], args.out)
     print(f"Exported the {args.source} model {model_tag} (step {step}) to {args.out} (fp32 safetensors). Load it "
           f"with AutoModelForCausalLM.from_pretrained({args.out!r}, trust_remote_code=True)")

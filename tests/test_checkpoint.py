@@ -242,12 +242,14 @@ def test_load_model_picks_largest_tag_and_last_step(setup, base_dir):
     newer = make_model(model.config.vocab_size, seed=3)
     cm.save_checkpoint(str(stage_dir / "d2"), 20, newer.state_dict(), None, meta_for(newer, 20))
     cm.save_checkpoint(str(stage_dir / "d1"), 99, model.state_dict(), None, meta_for(model, 99))
-    loaded, _, meta, model_tag, step = cm.load_model("sft", "cpu", phase="eval")
-    assert (model_tag, step, meta["step"]) == ("d2", 20, 20)  # what it picked comes back
+    loaded, _, meta = cm.load_model("sft", "cpu", phase="eval")  # the established three values
+    assert meta["step"] == 20
+    assert cm.find_checkpoint("sft")[1:] == ("d2", 20)  # what the defaults pick
     with torch.no_grad():
         assert torch.equal(loaded(sample_ids(model)), newer(sample_ids(model)))
-    assert cm.load_model("sft", "cpu", phase="eval", model_tag="d1")[2:] == (meta_for(model, 99), "d1", 99)
-    assert cm.load_model("sft", "cpu", phase="eval", model_tag="d2", step=10)[3:] == ("d2", 10)
+    assert cm.load_model("sft", "cpu", phase="eval", model_tag="d1")[2] == meta_for(model, 99)
+    assert cm.load_model("sft", "cpu", phase="eval", model_tag="d2", step=10)[2]["step"] == 10
+    assert cm.find_checkpoint("sft", model_tag="d2", step=10) == (str(stage_dir / "d2"), "d2", 10)
 
 
 def test_load_model_errors_say_what_to_run(base_dir):
@@ -257,6 +259,8 @@ def test_load_model_errors_say_what_to_run(base_dir):
         cm.load_model("rl", "cpu", phase="eval")
     with pytest.raises(ValueError, match="source must be one of"):
         cm.load_model("pretrain", "cpu", phase="eval")
+    with pytest.raises(FileNotFoundError, match="scripts.chat_sft"):
+        cm.find_checkpoint("sft")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -484,6 +484,26 @@ def test_kv_cache_decoding_never_reads_tensors_back_to_the_host():
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), atol=1e-4, rtol=1e-4)
 
 
+def test_kv_cache_of_the_established_seven_arguments_decodes_a_smeared_model():
+    """KVCache(batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype), as nanochat's users build it:
+    the smear's previous-token state is created by the first forward, and prefill + decode equals one forward."""
+    from nanochat.kv_cache import KVCache
+    config = tiny_config(**RECIPE_2026)
+    model = randomize_(build_model(config))
+    cache = KVCache(2, config.n_kv_head, 20, config.n_embd // config.n_head, config.n_layer, "cpu", torch.float32)
+    assert cache.prev_embed is None
+    idx = random_tokens(config, 2, 20, seed=6)
+    with torch.no_grad():
+        pieces = [model(idx[:, :7], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 20)]
+        assert cache.prev_embed.shape == (2, config.n_embd)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), atol=1e-4, rtol=1e-4)
+        wider = KVCache(3, config.n_kv_head, 20, config.n_embd // config.n_head, config.n_layer, "cpu", torch.float32)
+        one = KVCache(1, config.n_kv_head, 20, config.n_embd // config.n_head, config.n_layer, "cpu", torch.float32)
+        model(idx[:1, :7], kv_cache=one)
+        wider.prefill(one)  # the Engine's prompt-once, sample-many copy carries the smear state along
+        torch.testing.assert_close(wider.prev_embed, one.prev_embed.expand(3, -1))
+
+
 def test_training_and_decoding_keep_every_tensor_on_the_model_device():
     """
     A training step and a decode step on the meta device: any tensor the code makes without device=... lands on
