@@ -319,3 +319,14 @@ def format_duration(seconds):
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
+
+
+def progress_bar(total, desc):
+    """
+    A tqdm bar (call .update(n), then .close()) for work that may take more than a few seconds, on rank 0 only.
+    On a terminal it redraws in place and vanishes when done; in a log file it adds a line at most every 30 s,
+    so a long evaluation shows its rate and ETA without flooding the log of a run that evaluates often.
+    """
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=int(os.environ.get("RANK", 0)) != 0,
+                mininterval=0.5 if sys.stderr.isatty() else 30)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 
-from nanochat.common import all_reduce_sum, get_base_dir, get_compute_dtype, get_dist_info, print0
+from nanochat.common import all_reduce_sum, get_base_dir, get_compute_dtype, get_dist_info, print0, progress_bar
 from nanochat.datasource import DownloadError, download_once, find_data
 from nanochat.kv_cache import KVCache
 
@@ -254,8 +254,9 @@ def pack_examples(examples, indices, batch_size):
     return batches + [batch] if batch else batches
 
 
-def score_examples_batched(model, examples, task_type, pad_id, device, batch_size, share_prefix):
-    """-> correct flag per example, with many examples per forward (or one shared prefix per example)."""
+def score_examples_batched(model, examples, task_type, pad_id, device, batch_size, share_prefix, progress=None):
+    """-> correct flag per example, with many examples per forward (or one shared prefix per example).
+    progress: a bar that counts the examples as they are scored."""
     correct = [False] * len(examples)
     packed = list(range(len(examples)))
     if share_prefix and task_type == "multiple_choice":
@@ -264,6 +265,8 @@ def score_examples_batched(model, examples, task_type, pad_id, device, batch_siz
         for i in sorted(shared):
             rows, starts, gold = examples[i]
             correct[i] = is_correct(task_type, *forward_shared_prefix(model, rows, starts[0], pad_id, device), gold)
+            if progress is not None:
+                progress.update(1)
         packed = [i for i in packed if i not in shared]
     for batch in pack_examples(examples, packed, batch_size):
         rows = [row for i in batch for row in examples[i][0]]
@@ -274,15 +277,19 @@ def score_examples_batched(model, examples, task_type, pad_id, device, batch_siz
             n = len(examples[i][0])
             correct[i] = is_correct(task_type, losses[offset:offset + n], hits[offset:offset + n], examples[i][2])
             offset += n
+        if progress is not None:
+            progress.update(len(batch))
     return correct
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta, batch_size=16, share_prefix=None, per_example=False):
+def evaluate_task(model, tokenizer, data, device, task_meta, batch_size=16, share_prefix=None, per_example=False,
+                  progress=None):
     """
     Accuracy on `data` (a list of task items). task_meta: task_type, num_fewshot, continuation_delimiter.
     Rank r of W evaluates examples r, r+W, ...; the counts are summed over ranks.
     share_prefix (multiple choice only): None = on wherever FLOPs dominate (not CUDA).
     per_example: the simple one-forward-per-example path (slow; the reference the batched path must match).
+    progress: a bar that counts this rank's examples as they are scored.
     """
     _, rank, _, world_size = get_dist_info()
     indices = list(range(rank, len(data), world_size))
@@ -294,7 +301,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta, batch_size=16, shar
         max_len = model.config.sequence_len + 1  # the input is the row without its last token
         examples = [prepare_example(tokenizer, data, idx, task_meta, max_len) for idx in indices]
         correct = score_examples_batched(model, examples, task_meta["task_type"], tokenizer.get_bos_token_id(),
-                                         device, batch_size, share_prefix)
+                                         device, batch_size, share_prefix, progress)
     num_correct, num_total = all_reduce_sum([sum(correct), len(correct)], torch.device(device))
     return num_correct / max(num_total, 1)
 
@@ -394,15 +401,19 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=-1, ba
     if missing:
         warn_missing_tasks(bundle_dir, missing)
     label = core_label(len(present), len(tasks))
+    datas = {task["label"]: load_task_data(task["path"], max_per_task) for task in present}
+    _, rank, _, world_size = get_dist_info()
+    bar = progress_bar(sum(len(range(rank, len(data), world_size)) for data in datas.values()), label)
     results, centered_results = {}, {}
     for task in present:
         t0 = time.time()
-        data = load_task_data(task["path"], max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size, share_prefix)
+        data = datas[task["label"]]
+        accuracy = evaluate_task(model, tokenizer, data, device, task, batch_size, share_prefix, progress=bar)
         results[task["label"]] = accuracy
         centered_results[task["label"]] = centered_accuracy(accuracy, task["random_baseline"])
         print0(f"{task['label']:<34} accuracy {accuracy:.4f} | centered {centered_results[task['label']]:+.4f} "
                f"| {len(data)} examples, {time.time() - t0:.1f}s")
+    bar.close()
     core_metric = sum(centered_results.values()) / len(centered_results)
     print0(f"{label}: {core_metric:.4f}")
     return {"core_metric": core_metric, "label": label, "results": results,

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import progress_bar
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -29,6 +31,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     batch_iter = iter(batches)
     was_training = model.training
     model.eval()
+    bar = progress_bar(steps, "bpb")
     for _ in range(steps):
         inputs, targets = next(batch_iter)[:2]
         losses = model(inputs, targets, loss_reduction="none").view(-1)
@@ -36,6 +39,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         total_nats += torch.where(num_bytes > 0, losses, 0.0).sum(dtype=sum_dtype)
         total_bytes += num_bytes.sum()
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)

@@ -148,7 +148,7 @@ def summary_table(sections):
         for section in SUMMARY_COLUMNS.values():
             key, value = find_metric(sections.get(section, {}).get("data", []), metric)
             cells.append("-" if value is None else f"{value:.4f}")
-            if key and "tasks)" in key:  # keep the partial-bundle label, e.g. 'CORE (18/22 tasks)'
+            if key and key.endswith(")"):  # keep a partial score's label, e.g. 'CORE (18/22 tasks)'
                 name = key
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -22,9 +22,12 @@ from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
 from nanochat.stage import add_checkpoint_flags
 
+CPU_MAX_PER_TASK = 100
+
 parser = argparse.ArgumentParser(description="Evaluate a model on the CORE metric")
 add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
-parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task, a fixed random subset (-1 = all)")
+parser.add_argument("--max-per-task", type=int, default=None, help="examples per task, a fixed random subset (-1 = all; "
+                    f"default: all on a GPU, {CPU_MAX_PER_TASK} elsewhere, where the whole bundle takes hours)")
 parser.add_argument("--batch-size", type=positive(int), default=16, help="rows (prompts) per forward pass")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
@@ -39,8 +42,9 @@ _, model_tag, step = find_checkpoint(args.source, args.model_tag, args.step)
 model, tokenizer, meta = load_model(args.source, device, "eval", model_tag, step)
 print0(f"Evaluating {args.source} model {model_tag} step {step} on {world_size} process(es)")
 
+max_per_task = args.max_per_task if args.max_per_task is not None else -1 if device.type == "cuda" else CPU_MAX_PER_TASK
 t0 = time.time()
-core = evaluate_core(model, tokenizer, device, bundle_dir=bundle_dir, max_per_task=args.max_per_task,
+core = evaluate_core(model, tokenizer, device, bundle_dir=bundle_dir, max_per_task=max_per_task,
                      batch_size=args.batch_size)
 elapsed = time.time() - t0
 
@@ -57,7 +61,7 @@ if rank == 0:
     print0(f"{core['label']}: {core['core_metric']:.4f} in {elapsed:.0f}s; per-task results in {csv_path}")
 
     summary = {"Source": args.source, "Model tag": model_tag, "Step": step,
-               "Examples per task": "all" if args.max_per_task < 0 else args.max_per_task,
+               "Examples per task": "all" if max_per_task < 0 else max_per_task,
                core["label"]: core["core_metric"], "Evaluation time (s)": round(elapsed, 1)}
     if core["missing_tasks"]:
         summary["Missing tasks"] = ", ".join(core["missing_tasks"])

@@ -13,7 +13,7 @@ perfect, comparable across tasks with different numbers of choices.
 
 import torch
 
-from nanochat.common import all_reduce_sum, get_dist_info
+from nanochat.common import all_reduce_sum, get_dist_info, progress_bar
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
 from tasks.gsm8k import GSM8K
@@ -41,7 +41,7 @@ def my_problem_indices(num_problems, max_problems):
 
 
 @torch.no_grad()
-def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, progress=None):
     """-> (num_correct, num_evaluated) on this rank. Prompts of a batch are right-padded: with causal
     attention the logits at a prompt's last position never see the padding after it."""
     device = model.get_device()
@@ -61,6 +61,8 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
             predicted = letters[letter_logits.argmax().item()]
             num_correct += int(task.evaluate(conversation, predicted))
             num_evaluated += 1
+        if progress is not None:
+            progress.update(len(conversations))
     return num_correct, num_evaluated
 
 
@@ -72,7 +74,7 @@ def letter_token_id(tokenizer, letter):
 
 @torch.no_grad()
 def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None):
+                        max_problems=None, progress=None):
     """-> (num_correct, num_evaluated) on this rank. A problem counts as solved when any of its
     num_samples completions is judged correct (pass@num_samples). A prompt that fills the model's
     whole context leaves no room for an answer: it counts as unsolved."""
@@ -81,6 +83,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
         num_evaluated += 1
+        if progress is not None:
+            progress.update(1)
         if len(prompt) >= engine.model.config.sequence_len:
             continue
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
@@ -92,19 +96,23 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
 
 def evaluate_task(task, tokenizer, model, engine, max_problems=None, batch_size=8, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50):
-    """-> (num_correct, num_evaluated) over all ranks, the task scored by its eval_type."""
+    """-> (num_correct, num_evaluated) over all ranks, the task scored by its eval_type (a progress bar on rank 0)."""
+    bar = progress_bar(len(my_problem_indices(len(task), max_problems)), type(task).__name__)
     if task.eval_type == "categorical":
-        counts = run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
+        counts = run_categorical_eval(task, tokenizer, model, batch_size, max_problems, bar)
     else:
         counts = run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k,
-                                     max_problems)
+                                     max_problems, bar)
+    bar.close()
     num_correct, num_evaluated = all_reduce_sum(list(counts), model.get_device())
     return int(num_correct), int(num_evaluated)
 
 
-def chatcore(accuracies):
-    """-> (label, value): the mean of baseline-centered accuracies; the label says how many of the
-    six tasks it covers so a partial score is never mistaken for the full one."""
+def chatcore(accuracies, subset=""):
+    """-> (label, value): the mean of baseline-centered accuracies. The label says how many of the six tasks it
+    covers and, with subset (e.g. "first 50 problems per task"), on how much of each, so a partial score is never
+    mistaken for the full one: e.g. "ChatCORE (3/6 tasks; first 50 problems per task)"."""
     centered = [(acc - TASKS[name][1]) / (1.0 - TASKS[name][1]) for name, acc in accuracies.items()]
-    label = "ChatCORE" if len(accuracies) == len(TASKS) else f"ChatCORE ({len(accuracies)}/{len(TASKS)} tasks)"
+    notes = ([] if len(accuracies) == len(TASKS) else [f"{len(accuracies)}/{len(TASKS)} tasks"]) + ([subset] if subset else [])
+    label = "ChatCORE" + (f" ({'; '.join(notes)})" if notes else "")
     return label, sum(centered) / len(centered)

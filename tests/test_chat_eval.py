@@ -66,6 +66,9 @@ def test_chatcore_centres_by_random_baseline():
     assert value == pytest.approx(((0.40 - 0.25) / 0.75 + 0.0 + 0.10) / 3)
     label, value = chatcore({name: 1.0 for name in TASKS})
     assert (label, value) == ("ChatCORE", pytest.approx(1.0))
+    # a score on the first problems of each task says so (chat_sft's in-training figure, chat_eval on a CPU)
+    assert chatcore(accuracies, subset="first 50 problems per task")[0] == "ChatCORE (3/6 tasks; first 50 problems per task)"
+    assert chatcore({name: 1.0 for name in TASKS}, subset="first 4 problems")[0] == "ChatCORE (first 4 problems)"
 
 
 def test_parse_task_names_rejects_unknown():
@@ -113,14 +116,15 @@ def test_chat_eval_all_tasks_report_accuracy_and_chatcore(sft_base_dir, single_p
     assert all(n == 4 and 0 <= c <= n for c, n in counts.values()), counts
     baselines = {name: baseline for name, (_, baseline) in TASKS.items()}
     expected = sum((c / n - baselines[name]) / (1 - baselines[name]) for name, (c, n) in counts.items()) / len(counts)
-    printed = float(re.search(r"^ChatCORE: (-?[\d.]+)$", output, re.MULTILINE).group(1))
+    label = "ChatCORE (first 4 problems per task)"  # --max-problems=4: the label says the score is on a subset
+    printed = float(re.search(rf"^{re.escape(label)}: (-?[\d.]+)$", output, re.MULTILINE).group(1))
     assert printed == pytest.approx(expected, abs=1e-4)
 
     with open(sft_base_dir / "report" / "chat-evaluation-sft.json") as f:
         report = json.load(f)
     assert report["section"] == "Chat evaluation sft"
-    metrics = next(item for item in report["data"] if "ChatCORE" in item)
-    assert metrics["ChatCORE"] == pytest.approx(expected, abs=1e-4)
+    metrics = next(item for item in report["data"] if label in item)
+    assert metrics[label] == pytest.approx(expected, abs=1e-4)
     assert {name: metrics[name] for name in counts} == pytest.approx({name: c / n for name, (c, n) in counts.items()})
     assert any(item.get("model_tag") == MODEL_TAG for item in report["data"])
 
@@ -131,4 +135,4 @@ def test_chat_eval_torchrun_matches_single_process(sft_base_dir, single_process_
     tasks = ["ARC-Easy", "MMLU", "GSM8K"]
     output, counts = run_chat_eval(sft_base_dir, [*COMMON_ARGS, "-a", ",".join(tasks)], nproc=2)
     assert counts == {name: single_process_run[1][name] for name in tasks}
-    assert "ChatCORE (3/6 tasks):" in output
+    assert "ChatCORE (3/6 tasks; first 4 problems per task):" in output

@@ -36,6 +36,17 @@ def test_bpb_matches_hand_computation():
             reference_bpb(model, batches[:1], token_bytes), rel=1e-5)
 
 
+def test_bpb_shows_progress_on_rank_0_only(capsys, monkeypatch):
+    """A long evaluation must not be silent: a bar with the batch count on stderr, and nothing from other ranks."""
+    model, token_bytes, batches = bpb_model(), bpb_token_bytes(), bpb_batches(seed=1)
+    evaluate_bpb(model, iter(batches), 2, token_bytes)
+    err = capsys.readouterr().err
+    assert "bpb:" in err and "0/2 [" in err  # tqdm's "bpb:   0%|   | 0/2 [..." (the count of batches to evaluate)
+    monkeypatch.setenv("RANK", "1")
+    evaluate_bpb(model, iter(batches), 2, token_bytes)
+    assert capsys.readouterr().err == ""
+
+
 def test_excluded_targets_do_not_count():
     """Changing what sits at ignored or special positions changes neither nats nor bytes."""
     model, token_bytes = bpb_model(), bpb_token_bytes()

@@ -15,7 +15,7 @@ def report(base_dir, tmp_path, monkeypatch):
 
 def log_pipeline(report):
     """What a run's stages log, deliberately out of pipeline order."""
-    report.log(section="Chat evaluation sft", data=[{"ARC-Easy": 0.3125, "MMLU": 0.27, "ChatCORE metric": 0.051}])
+    report.log(section="Chat evaluation sft", data=[{"ARC-Easy": 0.3125, "MMLU": 0.27, "ChatCORE (first 50 problems per task)": 0.051}])
     report.log(section="Base model evaluation", data=[{"Step": 300, "CORE (18/22 tasks)": 0.1234},
                                                       {"arc_easy": "accuracy 0.4000, centered +0.2000"}])
     curve = [{"step": s, "train_loss": 9.0 - s / 100, "time": 2.0 * s} for s in range(1, 301)]
@@ -45,7 +45,7 @@ def test_generate_assembles_sections_summary_and_plots(report, base_dir, tmp_pat
     assert "| ARC-Challenge | - | - | - |" in text
     assert "| MMLU | - | 0.2700 | - |" in text
     assert "| GSM8K | - | - | 0.0000 |" in text
-    assert "| ChatCORE | - | 0.0510 | - |" in text
+    assert "| ChatCORE (first 50 problems per task) | - | 0.0510 | - |" in text  # a subset's score keeps its label
 
     png = base_dir / "report" / "base-model-training-curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
