@@ -109,7 +109,7 @@ def scripted_server_app(tokenizer, text, **kwargs):
     """An app whose model answers the first message "hi" with `text` then <|assistant_end|>."""
     from scripts.chat_web import create_app, render_prompt
     messages = [{"role": "user", "content": "hi"}]
-    prompt = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
+    prompt, _ = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
     script = tokenizer.encode(text) + [tokenizer.encode_special("<|assistant_end|>")]
     return create_app([(ScriptedModel(tokenizer.get_vocab_size(), script, len(prompt)), tokenizer)], **kwargs), script
 
