@@ -18,15 +18,15 @@ def gpu_check(*args, timeout=60):
 
 
 def test_a_part_that_does_not_fit_the_time_left_is_skipped_and_named(tmp_path):
-    result = gpu_check("--only", "env,decode", "--time-limit", "5", f"--json={tmp_path / 'out.jsonl'}")
+    result = gpu_check("--only", "env,decode", "--time-limit", "5", f"--json={tmp_path / 'out.jsonl'}", f"--log={tmp_path / 'log'}")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(line["part"], line["status"]) for line in lines] == [("env", "skipped"), ("decode", "skipped")]
     assert lines[1]["reason"].endswith("budget 70 s: rerun with --only decode")
 
 
-def test_an_unknown_part_is_refused():
-    result = gpu_check("--only", "env,speed")
+def test_an_unknown_part_is_refused(tmp_path):
+    result = gpu_check("--only", "env,speed", f"--log={tmp_path / 'log'}")
     assert result.returncode == 2 and "unknown part(s) speed; the parts: env, train_bf16" in result.stderr
 
 
