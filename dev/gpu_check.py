@@ -6,7 +6,7 @@ part that would not fit in the time left (its line says so: rerun it with --only
 
 part        default  budget  measures
 env         yes       15 s   GPU, driver, Python, torch, compute dtype; FA3: loaded, or "not available offline"
-train_bf16  yes      100 s   base_train d20 SSSL, seq 2048, 32 rows, 20 steps: tok/s, MFU, peak memory, graphs, recompiles
+train_bf16  yes      100 s   base_train d20 SSSL, seq 2048, 16 rows, 20 steps: tok/s, MFU, peak memory, graphs, recompiles
 train_fp8   yes       90 s   the same with --fp8: tok/s against train_bf16
 attention   yes       50 s   each CUDA backend (FA3 when loaded, FlexAttention) against SDPA, fwd+bwd; their fwd+bwd ms
 decode      yes       70 s   d20 decoding, eager vs compiled step (CUDA graphs), batch 1 and 32: ms/step, greedy agreement
@@ -20,7 +20,7 @@ The default set adds up to 385 s (<= 7 minutes with start-up); the rest to 410 s
 Budgets are estimates for one H100, cold (no compile cache), never yet measured. A training part: the model's
 and optimizer's cold compiles (~60 s, the larger share; guessed from compiles of this size elsewhere) + start-up
 and the data loader (~15 s; the --cpu-dry-run's process start, import and first batch take ~10 s on a 2-core
-CPU) + 20 steps x 2.9e9 FLOPs/token (d20) x 65,536 tokens at 40% of 989 TFLOP/s = 10 s. train_fp8 reuses the
+CPU) + 20 steps x 2.9e9 FLOPs/token (d20) x 32,768 tokens at 40% of 989 TFLOP/s = 5 s. train_fp8 reuses the
 optimizer's compiled graphs from the inductor cache. Decode compiles one CUDA-graph step per batch size.
 All figures are FlexAttention's unless env says FA3 loaded: this machine cannot fetch FA3 from the hub.
 
@@ -64,7 +64,8 @@ TEST_SELECTIONS = {  # part -> pytest arguments: every test that touches CUDA
 }
 # (GPU, --cpu-dry-run): the sizes differ, the code paths do not
 SIZES = {
-    "seq_len": (2048, 128), "rows": (32, 2), "steps": (20, 5), "timed_from_step": (5, 2), "vocab": (32768, 512),
+    # 16 rows as the speedrun at d24: 32 might not fit d20 next to its state on 80 GB (~2.4 GiB per row eager, dev/LOG.md)
+    "seq_len": (2048, 128), "rows": (16, 2), "steps": (20, 5), "timed_from_step": (5, 2), "vocab": (32768, 512),
     "tokenizer_chars": (20_000_000, 1_000_000), "attention_shape": ((8, 10, 128), (1, 2, 64)), "window": (512, 32),
     "attention_iters": (20, 2), "decode_depth": (20, 2), "decode_batches": ([1, 32], [2]), "prompt": (64, 8),
     "new_tokens": (64, 8), "optim_depth": (12, 2),

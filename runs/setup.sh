@@ -65,12 +65,12 @@ make_venv() {
     "$PYTHON" -m venv .venv >/dev/null 2>&1 && venv_has_pip && return
     rm -rf .venv
     if command -v uv >/dev/null 2>&1; then
-        echo "setup: $PYTHON -m venv failed (no ensurepip) -> uv venv --seed"
+        echo "setup: $PYTHON -m venv failed (no python3-venv?) -> uv venv --seed"
         uv venv --seed --python "$(command -v "$PYTHON")" .venv && venv_has_pip && return
         rm -rf .venv
     fi
     local index="${PIP_INDEX_URL:-https://pypi.org/simple}"
-    echo "setup: $PYTHON -m venv failed (no ensurepip) -> a venv without pip, and pip's wheel from $index"
+    echo "setup: $PYTHON -m venv failed (no python3-venv?) -> a venv without pip, and pip's wheel from $index"
     if "$PYTHON" -m venv --without-pip .venv && .venv/bin/python - "$index" <<'PY' && venv_has_pip; then return; fi
 import os, re, subprocess, sys, tempfile, urllib.parse, urllib.request
 page_url = sys.argv[1].rstrip("/") + "/pip/"

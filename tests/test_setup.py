@@ -198,7 +198,7 @@ def test_a_python_without_ensurepip_still_gets_a_venv_with_pip(tmp_path):
             **env, "PYTHON": str(python), "REAL_PYTHON": sys.executable, "PIP_INDEX_URL": server.url,
             "PIP_CONFIG_FILE": os.devnull, "NANOCHAT_TORCH_INDEX": (tmp_path / "simple").as_uri()})
     out = result.stdout + result.stderr
-    assert f"no ensurepip) -> a venv without pip, and pip's wheel from {server.url}" in out
+    assert f"no python3-venv?) -> a venv without pip, and pip's wheel from {server.url}" in out
     version = wheels[0].name.split("-")[1]
     pip = subprocess.run([repo / ".venv" / "bin" / "python", "-m", "pip", "--version"], capture_output=True, text=True)
     assert pip.returncode == 0 and pip.stdout.startswith(f"pip {version} from {repo / '.venv'}"), pip.stdout + pip.stderr
