@@ -350,7 +350,7 @@ def prepare_tokenizer(base_dir, device, env):
     """The tokenizer base_train reads: the one gpu_check_prepare.sh trained, else trained now."""
     prepared = os.path.join(CARRIED, "tokenizer")
     target = os.path.join(base_dir, "tokenizer")
-    vocab, chars = (32768, 20_000_000) if device == "cuda" else (512, 1_000_000)
+    vocab, chars = (SIZES["vocab"][device == "cpu"], SIZES["tokenizer_chars"][device == "cpu"])
     if device == "cuda" and os.path.isfile(os.path.join(prepared, "tokenizer.pkl")):
         shutil.copytree(prepared, target)
         return "prepared"
