@@ -2,8 +2,8 @@
 # The ~$1000 tier: a d32 model (2048 wide, ~1.9B parameters) on one 8xH100 node, about 40 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source runs/torchrun.sh  # $TORCHRUN: NPROC GPUs here, and NNODES/NODE_RANK/MASTER_ADDR for several nodes
 
-NPROC="${NPROC:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
@@ -26,14 +26,14 @@ wait $DATASET_DOWNLOAD_PID
 
 # d32 activations at 32 rows x 2048 do not fit next to the optimizer state on 80 GB: 16 rows, and the
 # automatic 2^21 tokens per step through gradient accumulation (8 steps). --fp8 as in the speedrun.
-stage base d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --fp8 \
+stage base d32 $TORCHRUN -m scripts.base_train -- --depth=32 --device-batch-size=16 --fp8 \
     --save-every=2000 --device-type=cuda --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
+$TORCHRUN -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
+$TORCHRUN -m scripts.base_eval -- --device-type=cuda
 
 python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
 from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
-stage sft d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --device-type=cuda \
+stage sft d32 $TORCHRUN -m scripts.chat_sft -- --save-every=200 --device-type=cuda \
     --run=$WANDB_RUN  # 16 rows, as the base run
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda
+$TORCHRUN -m scripts.chat_eval -- -i sft --device-type=cuda
 python -m nanochat.report generate

@@ -3,12 +3,14 @@
 # GPT-2's CORE (0.2565) in about 1.65 hours (upstream nanochat's measurement, mean of 5 runs: CORE 0.2626);
 # SFT and the evaluations follow.
 #   bash runs/speedrun.sh                      # or: WANDB_RUN=speedrun bash runs/speedrun.sh
+# Several nodes: the same command on each, with NNODES, NODE_RANK and MASTER_ADDR (runs/torchrun.sh).
+# On an H100 without FA3, setup stops; NANOCHAT_ALLOW_NO_FA3=1 goes on with FlexAttention (slower).
 # Talk to the result afterwards: python -m scripts.chat_web  (open http://<node>:8000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source runs/torchrun.sh  # $TORCHRUN: NPROC GPUs here, and NNODES/NODE_RANK/MASTER_ADDR for several nodes
 
-NPROC="${NPROC:-8}"
-WANDB_RUN="${WANDB_RUN:-dummy}"   # any other name logs to wandb (run `wandb login` first)
+WANDB_RUN="${WANDB_RUN:-dummy}"   # any other name logs to wandb (setup installs it and checks the login)
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 
@@ -40,23 +42,25 @@ wait $DATASET_DOWNLOAD_PID
 
 # --device-type=cuda everywhere: a node whose torch cannot see its GPUs stops with one line instead of
 # quietly training on 8 CPU processes. The batch size is automatic (2^20 tokens at d24: 16 rows x 2048 x
-# 8 GPUs x 4 accumulation steps); --fp8 runs the large matmuls on the fp8 tensor cores.
-stage base d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 \
+# 8 GPUs x 4 accumulation steps); --fp8 runs the large matmuls on the fp8 tensor cores. A checkpoint every
+# 2000 of the ~5,600 steps: rank 0 writes 6.6 GB per save, ~8 s on local NVMe, ~1 min on a slow disk, and two
+# saves are the compromise between those two cases (dev/LOG.md, "checkpoint cadence").
+stage base d24 $TORCHRUN -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 \
     --device-batch-size=16 --fp8 --save-every=2000 --keep-last=2 --device-type=cuda --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-type=cuda
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
+$TORCHRUN -m scripts.base_loss -- --device-type=cuda
+$TORCHRUN -m scripts.base_eval -- --device-type=cuda
 
 # identity conversations teach the model who it is (SFT reads them), fetched by the one downloader
 python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
 from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
 
-stage sft d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --keep-last=2 \
+stage sft d24 $TORCHRUN -m scripts.chat_sft -- --save-every=200 --keep-last=2 \
     --device-type=cuda --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda
+$TORCHRUN -m scripts.chat_eval -- -i sft --device-type=cuda
 
 # optional: reinforcement learning on GSM8K (uncomment; ~+1.5 h)
-# stage rl d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_rl -- --save-every=60 --keep-last=2 \
+# stage rl d24 $TORCHRUN -m scripts.chat_rl -- --save-every=60 --keep-last=2 \
 #     --device-type=cuda --run=$WANDB_RUN
-# torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i rl -a GSM8K --device-type=cuda
+# $TORCHRUN -m scripts.chat_eval -- -i rl -a GSM8K --device-type=cuda
 
 python -m nanochat.report generate
