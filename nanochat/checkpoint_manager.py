@@ -432,9 +432,11 @@ def build_model(checkpoint_dir, step, device, phase):
     try:
         model_data = patch_state_dict(model_data, model.state_dict())
         model.load_state_dict(model_data, strict=True)  # copied into the model's dtypes (embeddings: the compute dtype)
-    except (KeyError, RuntimeError) as e:  # RuntimeError: "Error(s) in loading state_dict ...", one line per tensor
-        lines = str(e).strip().strip("'\"").splitlines()
-        detail = (lines[1] if len(lines) > 1 else lines[0]).strip() if lines else type(e).__name__
+    except torch.OutOfMemoryError:
+        raise  # the device is full, the files may be fine
+    except (KeyError, RuntimeError) as e:
+        lines = str(e).strip("'\" \n").splitlines()
+        detail = lines[min(1, len(lines) - 1)].strip()  # torch: "Error(s) in loading state_dict for GPT:", one line a tensor
         raise _damaged(model_path(checkpoint_dir, step), step, f"does not fit the model_config of "
                        f"{os.path.basename(meta_path(checkpoint_dir, step))} ({detail})") from e
     if phase == "train":
