@@ -92,12 +92,13 @@ def test_damaged_tokenizer_pkl(tokenizer_dir, damage, problem):
     (EMPTY, "is empty (0 bytes)"),
     (TRUNCATED, "cannot be read"),
     (GARBAGE, "cannot be read"),
-    (lambda data: pickle.dumps([3, 4, 5]), "cannot be read"),  # a pickle, but not one torch.load takes
+    (lambda data: pickle.dumps([3, 4, 5], protocol=2), "cannot be read"),  # a pickle, not a torch file
     (lambda data: tensor_bytes({"lengths": torch.ones(3, dtype=torch.int32)}), "holds a dict, not a 1-D integer tensor"),
+    (lambda data: tensor_bytes([1, 2, 3]), "holds a list, not a 1-D integer tensor"),
     (lambda data: tensor_bytes(torch.ones(5)), "holds a (5,) torch.float32 tensor, not a 1-D integer tensor"),
     (lambda data: tensor_bytes(torch.ones(2, 3, dtype=torch.int32)), "holds a (2, 3) torch.int32 tensor"),
     (lambda data: tensor_bytes(torch.tensor([1, -2, 3], dtype=torch.int32)), "holds negative byte counts"),
-], ids=["empty", "truncated", "garbage", "pickled-list", "dict", "float", "2-d", "negative"])
+], ids=["empty", "truncated", "garbage", "pickled-list", "dict", "list", "float", "2-d", "negative"])
 def test_damaged_token_bytes(tokenizer_dir, damage, problem):
     path = tokenizer_dir / "token_bytes.pt"
     rewrite(path, damage)
