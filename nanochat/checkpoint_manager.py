@@ -233,8 +233,11 @@ def _save_hashed(path, data):
 
 
 def file_sha256(path):
+    digest = hashlib.sha256()  # (hashlib.file_digest needs Python 3.11)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_config_value(key, value, kind):
