@@ -58,7 +58,8 @@ def optimizer_shard():
     matrices = {p.shape: [] for p in meta_model.transformer.h.parameters()}
     for p in meta_model.transformer.h.parameters():
         matrices[p.shape].append(p)
-    others = [p for p in meta_model.parameters() if p.ndim != 2 or not any(p is q for q in meta_model.transformer.h.parameters())]
+    matrix_ids = {id(p) for p in meta_model.transformer.h.parameters()}
+    others = [p for p in meta_model.parameters() if id(p) not in matrix_ids]
     for i, p in enumerate(others):
         exp_avg, exp_avg_sq = random_like_shapes([p.shape, p.shape])
         state[i] = {"step": 1, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
@@ -82,9 +83,10 @@ try:
         load_plain = best(lambda: torch.load(path, map_location="cpu"))
         hash_only = best(lambda: file_sha256(path))
         load_hashed = best(lambda: (file_sha256(path), torch.load(path, map_location="cpu")))
-        print(f"{label}: {size / 1e9:.2f} GB | save (fsynced) {save_plain:.2f} s, hashed while writing {save_hashed:.2f} s "
-              f"(+{save_hashed - save_plain:.2f} s) | load {load_plain:.2f} s, sha256 of the file {hash_only:.2f} s "
-              f"({size / hash_only / 1e9:.2f} GB/s), verified load {load_hashed:.2f} s (+{load_hashed - load_plain:.2f} s)")
+        print(f"{label}: {size / 1e9:.2f} GB | save (fsynced) {save_plain:.2f} s, hashed while writing "
+              f"{save_hashed:.2f} s (+{save_hashed - save_plain:.2f} s) | load {load_plain:.2f} s, sha256 of the file "
+              f"{hash_only:.2f} s ({size / hash_only / 1e9:.2f} GB/s), verified load {load_hashed:.2f} s "
+              f"(+{load_hashed - load_plain:.2f} s)")
         os.remove(path)
         gc.collect()
 finally:

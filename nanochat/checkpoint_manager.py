@@ -439,7 +439,8 @@ def build_model(checkpoint_dir, step, device, phase):
         raise  # the device is full, the files may be fine
     except (KeyError, RuntimeError) as e:
         lines = str(e).strip("'\" \n").splitlines()
-        detail = lines[min(1, len(lines) - 1)].strip()  # torch: "Error(s) in loading state_dict for GPT:", one line a tensor
+        # torch says "Error(s) in loading state_dict for GPT:", then one line per tensor: name the first
+        detail = lines[min(1, len(lines) - 1)].strip()
         raise _damaged(model_path(checkpoint_dir, step), step, f"does not fit the model_config of "
                        f"{os.path.basename(meta_path(checkpoint_dir, step))} ({detail})") from e
     if phase == "train":

@@ -159,7 +159,7 @@ def parquets_iter_batched(split, start=0, step=1):
 
 
 def check_shard(path):
-    """-> pq.ParquetFile(path); ValueError saying what is wrong unless it is a parquet file with a string column 'text'."""
+    """-> pq.ParquetFile(path), or ValueError saying what is wrong: it must be parquet with a string column 'text'."""
     try:
         parquet_file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -179,7 +179,8 @@ def read_texts(parquet_file, rg_idx, path):
         column = parquet_file.read_row_group(rg_idx, columns=["text"]).column("text")
         texts = column.to_pylist()
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # an overwritten page fails to decompress or decode
-        raise damaged_shard(f"{path} row group {rg_idx} cannot be read ({type(e).__name__}: {first_sentence(e)})") from e
+        problem = f"{type(e).__name__}: {first_sentence(e)}"
+        raise damaged_shard(f"{path} row group {rg_idx} cannot be read ({problem})") from e
     if column.null_count:
         raise damaged_shard(f"{path} row group {rg_idx} has {column.null_count} null document(s) in 'text'")
     return texts
