@@ -18,8 +18,10 @@ crash skips the stages that finished and resumes the interrupted one:
 import argparse
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -127,44 +129,129 @@ def remove_stale_temp_files(checkpoint_dir):
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """
     Rank 0 writes model + meta, every rank writes its optimizer shard (when optimizer_data is not None;
-    under torchrun every rank must then call this: meta waits for all shards).
+    under torchrun every rank must then call this: meta waits for all shards). Each file is hashed
+    (sha256) on its way to disk and meta records every file's hash, so a load can tell a damaged file.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
     remove_stale_temp_files(checkpoint_dir)
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         # Re-saving a step: mark it incomplete first so a crash halfway never pairs old meta with new weights.
         os.remove(meta_path(checkpoint_dir, step))
+    checksums = {}
     if rank == 0:
         # Weights go to disk in fp32 whatever the run's compute dtype, so a checkpoint loads the same everywhere.
         model_data = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model_data.items()}
-        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+        checksums.update(_save_hashed(model_path(checkpoint_dir, step), model_data))
     if optimizer_data is not None:
-        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+        checksums.update(_save_hashed(optim_path(checkpoint_dir, step, rank), optimizer_data))
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every shard is on disk before meta declares the step complete
+            # Every shard is on disk before meta declares the step complete, and rank 0 gets every shard's hash.
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, checksums)
+            checksums = {name: digest for rank_checksums in per_rank for name, digest in rank_checksums.items()}
     if rank == 0:
-        payload = json.dumps(meta_data, indent=2).encode("utf-8")
+        payload = json.dumps({**meta_data, CHECKSUMS_KEY: checksums}, indent=2).encode("utf-8")
         atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(payload))
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_data, optimizer_data or None, meta_data). A damaged file is a UserError naming it."""
+    """
+    -> (model_data, optimizer_data or None, meta_data). A damaged file is a UserError naming it. Resuming
+    (load_optimizer) checks the files against the sha256 hashes meta recorded; see must_verify.
+    """
+    return _load_checkpoint(checkpoint_dir, step, device, load_optimizer, rank, verify=load_optimizer)
+
+
+# Checking a file's sha256 reads it once more: at d20 that about doubles a load (dev/LOG.md, checkpoint checksums).
+# Worth it where training continues from the checkpoint for hours; for evaluation and chat, opt in with
+# NANOCHAT_VERIFY_CHECKPOINTS=1. Checkpoints saved before meta recorded hashes load unchecked.
+VERIFY_ENV = "NANOCHAT_VERIFY_CHECKPOINTS"
+
+
+def must_verify(training):
+    """Whether a load checks the files' hashes: always when training continues from it, else when VERIFY_ENV=1."""
+    value = os.environ.get(VERIFY_ENV, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{VERIFY_ENV}={value!r} is not understood: set it to 1 to check every checkpoint load "
+                        f"against its sha256 hashes, or to 0 (or unset it) to check only loads that continue training")
+    return training or value == "1"
+
+
+def _load_checkpoint(checkpoint_dir, step, device, load_optimizer, rank, verify):
     remove_stale_temp_files(checkpoint_dir)
-    if not os.path.exists(meta_path(checkpoint_dir, step)):
+    path = meta_path(checkpoint_dir, step)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint step {step} in {checkpoint_dir} is missing or incomplete "
-                                f"(no {os.path.basename(meta_path(checkpoint_dir, step))}); pick another --step")
-    meta_data = _read_file(meta_path(checkpoint_dir, step), step, _read_json)
-    if not isinstance(meta_data, dict) or "model_config" not in meta_data:
-        raise _damaged(meta_path(checkpoint_dir, step), step, "has no model_config")
-    model_data = _read_file(model_path(checkpoint_dir, step), step, lambda path: torch.load(path, map_location=device))
+                                f"(no {os.path.basename(path)}); pick another --step")
+    meta_data = _read_file(path, step, _read_json)
+    if not isinstance(meta_data, dict) or not isinstance(meta_data.get("model_config"), dict):
+        raise _damaged(path, step, "has no model_config")
+    checksums = meta_data.pop(CHECKSUMS_KEY, None)  # the caller gets back the meta it saved
+    if checksums is not None and not isinstance(checksums, dict):
+        raise _damaged(path, step, f"has a {CHECKSUMS_KEY!r} entry that is not a dict of file hashes")
+    checksums = checksums if must_verify(verify) else None
+    model_data = _read_file(model_path(checkpoint_dir, step), step, lambda path: torch.load(path, map_location=device),
+                            checksums)
     optimizer_data = None
     if load_optimizer:
         path = optim_path(checkpoint_dir, step, rank)
         if not os.path.exists(path):
             raise FileNotFoundError(f"No optimizer state for rank {rank} at {path}: resume needs the checkpoint of a "
                                     f"run with the same number of processes (or train without --resume-from-step)")
-        optimizer_data = _read_file(path, step, lambda path: torch.load(path, map_location=device))
+        optimizer_data = _read_file(path, step, lambda path: torch.load(path, map_location=device), checksums)
     return model_data, optimizer_data, meta_data
+
+
+# meta's entry {file name: sha256 hex digest} for the step's model and optimizer files (`sha256sum FILE` agrees).
+CHECKSUMS_KEY = "sha256"
+
+
+class _HashingWriter:
+    """A binary file to write through: every byte written also goes into a sha256, so hashing needs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):  # everything else (flush, fileno, tell) is the file's own
+        return getattr(self.f, name)
+
+
+def _save_hashed(path, data):
+    """torch.save data to path (atomically) -> {file name: sha256 of the bytes written}."""
+    writers = []
+
+    def write(f):
+        writers.append(_HashingWriter(f))
+        torch.save(data, writers[-1])
+
+    atomic_write(path, write)
+    return {os.path.basename(path): writers[-1].sha256.hexdigest()}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()  # (hashlib.file_digest needs Python 3.11)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_config_value(key, value, kind):
+    """ValueError unless value is a kind (int, float, str, bool) that a model config can hold."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        expected = "a positive number"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "short_window" else 1)
+        expected = "a non-negative int" if key == "short_window" else "a positive int"
+    else:
+        ok, expected = isinstance(value, kind), f"a {kind.__name__}"
+    if not ok:
+        raise ValueError(f"model_config.{key} is {value!r}, not {expected}")
 
 
 def _read_json(path):
@@ -172,16 +259,27 @@ def _read_json(path):
         return json.load(f)
 
 
-def _read_file(path, step, read):
-    """read(path), or a UserError naming the file when it is empty or cannot be parsed."""
+def _read_file(path, step, read, checksums=None):
+    """
+    read(path), or a UserError naming the file when it is empty, cannot be parsed, or (given checksums, meta's
+    {file name: sha256}) its bytes are not the ones that were saved.
+    """
     if os.path.getsize(path) == 0:
         raise _damaged(path, step, "is empty (0 bytes)")
+    if checksums is not None:
+        name = os.path.basename(path)
+        if name not in checksums:
+            raise _damaged(path, step, f"has no sha256 in {os.path.basename(meta_path(os.path.dirname(path), step))}: "
+                                       f"it was not saved with this step")
+        if file_sha256(path) != checksums[name]:
+            raise _damaged(path, step, "does not have the sha256 its meta recorded (its bytes changed after the save)")
     try:
         return read(path)
     except (MemoryError, torch.OutOfMemoryError):
         raise  # the device is full, the file may be fine
     except Exception as e:  # torch.load alone raises EOFError, OSError, KeyError, UnpicklingError... on bad bytes
-        raise _damaged(path, step, f"cannot be read ({type(e).__name__}: {e})") from e
+        first_sentence = str(e).strip().split("\n")[0].split(". ")[0]  # torch's hints run to 20 lines of advice
+        raise _damaged(path, step, f"cannot be read ({type(e).__name__}: {first_sentence})") from e
 
 
 def _damaged(path, step, problem):
@@ -262,16 +360,27 @@ def prune_checkpoints(checkpoint_dir, keep_last, keep_steps=()):
 
 # Config keys that older checkpoints lack, with the value that reproduces how those models were trained.
 LEGACY_CONFIG_DEFAULTS = {"window_pattern": "L"}  # before sliding windows every layer attended fully
+# Keys every checkpoint ever had: one missing is damage, never a default (a model trained at sequence_len 256
+# rebuilt at GPTConfig's 2048 would run, and talk nonsense past its training length).
+REQUIRED_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_embd")
 
 
 def patch_model_config(config_kwargs, config_cls):
-    """Fill keys missing from an older meta["model_config"] with neutral values; drop unknown keys."""
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    """
+    Fill keys missing from an older meta["model_config"] with neutral values; drop unknown keys. ValueError
+    naming the key when a key every checkpoint has is missing, or a value has the wrong type or range.
+    """
+    known = {f.name: f.type for f in dataclasses.fields(config_cls)}
     config_kwargs = dict(config_kwargs)
-    for key in sorted(set(config_kwargs) - known):
+    for key in sorted(set(config_kwargs) - set(known)):
         logger.warning(f"Checkpoint config key {key!r} is unknown to GPTConfig; ignoring it")
         del config_kwargs[key]
-    if "n_kv_head" not in config_kwargs and "n_head" in config_kwargs:
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config_kwargs]
+    if missing:
+        raise ValueError(f"model_config lacks {', '.join(missing)}")
+    for key, value in config_kwargs.items():
+        _check_config_value(key, value, known[key])
+    if "n_kv_head" not in config_kwargs:
         logger.warning("Older checkpoint: model_config lacks n_kv_head; using n_kv_head = n_head (no GQA)")
         config_kwargs["n_kv_head"] = config_kwargs["n_head"]
     for key, value in LEGACY_CONFIG_DEFAULTS.items():
@@ -307,18 +416,33 @@ def patch_state_dict(model_data, expected):
 
 def build_model(checkpoint_dir, step, device, phase):
     """-> (model, tokenizer, meta_data) with the model in train or eval mode on `device`."""
-    from nanochat.gpt import GPTConfig, build_gpt
+    from nanochat.gpt import GPTConfig, build_gpt, check_config, compute_window_sizes
     from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
-    model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device)
+    # Training from it (a stage starting from the previous one's checkpoint) checks its hashes, as resuming does.
+    model_data, _, meta_data = _load_checkpoint(checkpoint_dir, step, device, False, 0, verify=phase == "train")
+    try:
+        config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
+        check_config(config)
+        compute_window_sizes(config)
+    except ValueError as e:
+        raise _damaged(meta_path(checkpoint_dir, step), step, f"is unusable ({e})") from e
+    model = build_gpt(config, device)  # init_weights fills the non-persistent buffers (rotary tables)
     # torch.compile'd models save their keys under _orig_mod.
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
-    model = build_gpt(config, device)  # init_weights fills the non-persistent buffers (rotary tables)
-    model_data = patch_state_dict(model_data, model.state_dict())
-    model.load_state_dict(model_data, strict=True)  # copied into the model's dtypes (embeddings: the compute dtype)
+    try:
+        model_data = patch_state_dict(model_data, model.state_dict())
+        model.load_state_dict(model_data, strict=True)  # copied into the model's dtypes (embeddings: the compute dtype)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, the files may be fine
+    except (KeyError, RuntimeError) as e:
+        lines = str(e).strip("'\" \n").splitlines()
+        # torch says "Error(s) in loading state_dict for GPT:", then one line per tensor: name the first
+        detail = lines[min(1, len(lines) - 1)].strip()
+        raise _damaged(model_path(checkpoint_dir, step), step, f"does not fit the model_config of "
+                       f"{os.path.basename(meta_path(checkpoint_dir, step))} ({detail})") from e
     if phase == "train":
         model.train()
     else:
@@ -326,9 +450,9 @@ def build_model(checkpoint_dir, step, device, phase):
 
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"The tokenizer in {os.path.join(get_base_dir(), 'tokenizer')} has {tokenizer.get_vocab_size()} "
-                         f"tokens but the checkpoint in {checkpoint_dir} was trained with vocab_size {config.vocab_size}: "
-                         f"use the tokenizer of that run (same NANOCHAT_BASE_DIR) or retrain the model")
+        raise UserError(f"The tokenizer in {os.path.join(get_base_dir(), 'tokenizer')} has {tokenizer.get_vocab_size()} "
+                        f"tokens but the checkpoint in {checkpoint_dir} was trained with vocab_size {config.vocab_size}: "
+                        f"use the tokenizer of that run (same NANOCHAT_BASE_DIR) or retrain the model")
     return model, tokenizer, meta_data
 
 

@@ -219,7 +219,7 @@ def test_vocab_size_mismatch_is_a_clear_error(setup):
     model, checkpoint_dir = setup
     other = make_model(model.config.vocab_size + 64)
     cm.save_checkpoint(checkpoint_dir, 1, other.state_dict(), None, meta_for(other, 1))
-    with pytest.raises(ValueError, match=rf"{model.config.vocab_size} tokens .* vocab_size {model.config.vocab_size + 64}"):
+    with pytest.raises(UserError, match=rf"{model.config.vocab_size} tokens .* vocab_size {model.config.vocab_size + 64}"):
         cm.build_model(checkpoint_dir, 1, "cpu", phase="eval")
 
 
@@ -414,7 +414,7 @@ def test_resume_training_restores_model_and_optimizer(tmp_path):
             assert torch.equal(value, loaded["state"][index][key]) if torch.is_tensor(value) else value == loaded["state"][index][key]
 
     # A shard of a 2-process run: this process holds only half of the optimizer, so it must refuse
-    torch.save({**saved, "world_size": 2}, cm.optim_path(str(tmp_path), 1, 0))
+    cm.save_checkpoint(str(tmp_path), 1, model.state_dict(), {**saved, "world_size": 2}, meta_for(model, 1))
     with pytest.raises(UserError, match="saved by 2 process\\(es\\) and this run has 1: .* resume with 2"):
         cm.resume_training(str(tmp_path), 1, fresh, fresh_optimizer, "cpu")
 
