@@ -11,8 +11,8 @@ config.json (every architecture field, with auto_map entries pointing at the two
 configuration_nanochat.py + modeling_nanochat.py (written for this export: they import transformers and
 torch only), generation_config.json (stop on <|assistant_end|> or <|bos|>, as our engine does), and the
 tokenizer: tokenizer.json (byte-level BPE with our split regex, merges and special-token ids) plus
-tokenizer_config.json with the chat template. It is written to a temp folder and renamed into place at the
-end, so DIR is either a whole export or absent.
+tokenizer_config.json with the chat template and the padding (left, with <|assistant_end|>). It is written to
+a temp folder and renamed into place at the end, so DIR is either a whole export or absent.
 
 The export refuses a model it does not cover: a config field or parameter it has no mapping for is an error,
 never a silently wrong model. Needs the [hf] extra (pip install -e '.[hf]').
