@@ -132,9 +132,13 @@ def our_bpb(model, tokenizer, docs, context):
     return lls, -sum(lls) / (num_bytes * math.log(2))
 
 
+def flatten(rows):
+    return [x for row in rows for x in (row if isinstance(row, list) else [row])]
+
+
 def max_difference(ours, theirs):
-    flat = lambda rows: [x for row in rows for x in (row if isinstance(row, list) else [row])]  # noqa: E731
-    return max(abs(a - b) for a, b in zip(flat(ours), flat(theirs), strict=True))
+    """Largest |ours - theirs| over the log-likelihoods (per item: a list of choices, or one per document)."""
+    return max(abs(a - b) for a, b in zip(flatten(ours), flatten(theirs), strict=True))
 
 
 def main():
