@@ -257,6 +257,8 @@ def test_low_level_writes_are_output_not_reports():
     assert result.stdout == "{not jsonfine\n" and result.stderr == "noise"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # 164 problems, three interpreters each: about 40 s on 2 loaded cores
 def test_humaneval_canonical_solutions_pass():
     from tasks.humaneval import HumanEval, program_and_tests
     task = HumanEval(data_dir=str(TEST_DATA))
