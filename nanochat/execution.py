@@ -77,7 +77,8 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, test
     limits = {"timeout": timeout, "maximum_memory_bytes": maximum_memory_bytes}
     processes = []
     with contextlib.ExitStack() as stack:
-        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True))
+        workdir = tempfile.mkdtemp(prefix="nanochat_exec_")
+        stack.callback(_remove_tree, workdir)
         report = stack.enter_context(tempfile.TemporaryFile())
         deadline = time.monotonic() + timeout + STARTUP_ALLOWANCE
         try:
@@ -175,6 +176,14 @@ def _kill_process_group(process):
     except (ProcessLookupError, PermissionError):
         pass  # already gone
     process.wait()
+
+
+def _remove_tree(path):
+    """Remove a temp dir whatever the code left in it: a tree too deep for shutil.rmtree's recursion, too."""
+    try:
+        shutil.rmtree(path)
+    except Exception:
+        subprocess.run(["rm", "-rf", "--", path], capture_output=True)
 
 
 def _read_output(file):

@@ -215,7 +215,7 @@ def _make_guard(root):
 
     def guard(event, args, root=root, private_dev=private_dev, refused_events=REFUSED_EVENTS, refused_imports=REFUSED_IMPORTS,
               write_events=WRITE_EVENTS, write_flags=WRITE_FLAGS, max_files=MAX_FILES, compile_bytecode=_compile_bytecode.__code__,
-              getframe=sys._getframe, open_=posix.open, read=posix.read, fstat=posix.fstat, close=posix.close,
+              getframe=sys._getframe, open_=posix.open, read=posix.read, fstat=posix.fstat, stat=posix.stat, close=posix.close,
               realpath=os.path.realpath, fsdecode=os.fsdecode, lexists=os.path.lexists, walk=os.walk, pathlike=os.PathLike):
         def refuse(detail):
             raise PermissionError(f"{event}: {detail} is disabled in nanochat's code execution guard")
@@ -235,10 +235,13 @@ def _make_guard(root):
             if not lexists(real) and sum(len(dirs) + len(files) for _, dirs, files in walk(root)) >= max_files:
                 refuse(f"creating more than {max_files} files and directories")
 
+        def written_here(path):  # a file the program may have written: in the temp dir
+            return stat(path).st_dev == private_dev or realpath(path).startswith(root + "/")
+
         if event in refused_events or event.startswith("ctypes."):
             refuse("this operation")
-        elif event == "import" and args[0] in refused_imports:
-            raise ImportError(f"module {args[0]} is disabled in nanochat's code execution guard")
+        elif event == "import" and (args[0] in refused_imports or isinstance(args[1], str) and written_here(args[1])):
+            raise ImportError(f"module {args[0]} is disabled in nanochat's code execution guard")  # native code of our own too
         elif event == "marshal.loads":
             # the import system loads cached bytecode so: allowed only when the bytes are a .pyc file's own,
             # and that file is not one the program could have written (in the temp dir)
@@ -248,7 +251,7 @@ def _make_guard(root):
                 refuse("making code objects from bytes")
             fd = open_(path, os.O_RDONLY)
             try:
-                if fstat(fd).st_dev == private_dev or realpath(path).startswith(root + "/"):
+                if fstat(fd).st_dev == private_dev or realpath(path).startswith(root + "/"):  # written_here, for this very file
                     refuse("loading bytecode from the temporary directory")
                 cached = chunk = b""
                 while chunk := read(fd, 1 << 20):

@@ -52,31 +52,33 @@ DEFEAT_GUARD = "import os, posixpath\nposixpath.abspath = lambda path: os.getcwd
 # The verdict: a wrong answer stays wrong, whatever the code does in its own process
 
 FORGERIES = {
-    # the attack that forged main's verdict 5 times in 5: read our own memory (through an fd on /proc, which
-    # main's guard did not check), and write every secret-looking string, and a success report, everywhere
+    # the attack that forged main's verdict 5 times in 5: find the real os.open (main's wrapper kept it in a
+    # closure cell), read our own memory through /proc/self/mem opened relative to an fd on /proc (main's guard
+    # checked the relative path), take the 32 hex digits of a bytes object there (main's verdict nonce) and
+    # write them, then a success report, everywhere
     "own_memory": """
         import os, re
-        found = set()
+        found = []
         try:
-            proc = os.open("/proc", os.O_RDONLY)
-            maps = os.read(os.open("self/maps", os.O_RDONLY, dir_fd=proc), 10**7).decode()
-            mem = os.open("self/mem", os.O_RDONLY, dir_fd=proc)
+            real_open = os.open.__closure__[0].cell_contents if getattr(os.open, "__closure__", None) else os.open
+            proc = real_open("/proc", os.O_RDONLY)
+            maps = os.read(real_open("self/maps", os.O_RDONLY, dir_fd=proc), 10**7).decode()
+            mem = real_open("self/mem", os.O_RDONLY, dir_fd=proc)
             for line in maps.splitlines():
                 start, end = (int(x, 16) for x in line.split()[0].split("-"))
                 if "r" in line.split()[1] and end - start < 64 * 2**20:
                     try:
                         os.lseek(mem, start, 0)
-                        found.update(re.findall(rb"[0-9a-f]{32}", os.read(mem, end - start)))
+                        found += re.findall(rb"\\x20\\x00{7}.{8}([0-9a-f]{32})\\x00", os.read(mem, end - start), re.DOTALL)
                     except OSError:
                         pass
         except OSError:
             pass
         for fd in range(1024):
-            for secret in [*found, b""]:
-                try:
-                    os.write(fd, secret + b"\\n" + FORGED + b"\\n")
-                except OSError:
-                    pass
+            try:
+                os.write(fd, (found or [b""])[0] + b"\\n" + FORGED + b"\\n")
+            except OSError:
+                pass
     """,
     # a success report on every descriptor, and on every descriptor of the judge we can find
     "forged_reports": """
@@ -156,16 +158,44 @@ def test_the_judge_and_its_tests_are_out_of_the_program_s_sight():
 # ------------------------------------------------------------------------------------------------
 # Whatever the program leaves behind becomes a result, never an exception in the caller
 
-@pytest.mark.parametrize("payload", [b"\n" + b"[" * 100_000, b"[" * 100_000, b"{" * 50_000 + b"\n", b'{"passed": 1}\n',
-                                     b'{"passed": "true"}\n', b"\xff\xfe" * 10_000, b"7" * 5_000_000],
-                         ids=["newline_then_nesting", "nesting", "objects", "one", "string", "not_utf8", "huge"])
-def test_any_report_is_a_result(humaneval, payload):
-    code = f"import os\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, {payload!r})\n    except OSError:\n        pass\n"
+# written on every descriptor: to the parent's report (no tests), to the judge's answers (tests)
+REPORTS = {"newline_then_nesting": "b'\\n' + b'[' * 100_000", "nesting": "b'[' * 100_000", "objects": "b'{' * 50_000 + b'\\n'",
+           "one": "b'{\"passed\": 1}\\n'", "string": "b'{\"passed\": \"true\"}\\n'", "not_utf8": "b'\\xff\\xfe' * 10_000",
+           "huge": "b'7' * 5_000_000"}
+WRITE_EVERYWHERE = "import os\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, {payload})\n    except OSError:\n        pass\n"
+
+
+@pytest.mark.parametrize("report", list(REPORTS))
+def test_any_report_is_a_result(humaneval, report):
+    code = WRITE_EVERYWHERE.format(payload=REPORTS[report])
     result = execute_code(code + "assert False\n")
     assert not result.success and isinstance(result.error, str)
     example = humaneval[0]
     assert humaneval.evaluate(example, WRONG + code) is False
     assert humaneval.evaluate(example, example["messages"][1]["content"] + "\n" + code) is False  # what the program said: garbage
+
+
+# past the guard's file count (os.scandir emptied), a directory tree deeper than shutil.rmtree's recursion
+DEEP_TREE = DEFEAT_GUARD + """
+class Empty:
+    __enter__ = __iter__ = lambda self: self
+    __exit__ = lambda self, *args: None
+    def __next__(self):
+        raise StopIteration
+os.scandir = lambda *args, **kwargs: Empty()
+print(os.path.dirname(os.getcwd()))
+for _ in range(1500):
+    os.mkdir("d")
+    os.chdir("d")
+print("deep")
+"""
+
+
+def test_a_tree_too_deep_for_recursion_is_removed(isolation):
+    result = execute_code(DEEP_TREE, timeout=30.0)  # (main's caller died here of a RecursionError)
+    workdir, deep = result.stdout.splitlines()
+    assert result.success and deep == "deep"
+    assert not os.path.exists(workdir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,8 +217,9 @@ def test_nothing_outside_the_temp_dir_is_writable(isolation):
     """)
     result = execute_code(code)
     assert result.success, result.error
-    for line in result.stdout.splitlines():  # clean up before failing
-        os.remove(line.split()[1])
+    for line in result.stdout.splitlines():  # clean up before failing (a tmpfs of the sandbox's is gone already)
+        if os.path.exists(line.split()[1]):
+            os.remove(line.split()[1])
     assert result.stdout == ""
 
 
@@ -218,6 +249,9 @@ CODE_OBJECT_ATTACKS = {
     # a .pyc we wrote, imported from the temp dir
     "planted_pyc": "import py_compile, sys\nopen('planted.py', 'w').write('print(\"planted ran\")')\n"
                    "py_compile.compile('planted.py', doraise=True)\nsys.path.insert(0, '.')\nimport planted",
+    # native code of our own: a copy of an extension module, loaded from the temp dir
+    "own_extension": "import importlib.util, _lzma, shutil\nshutil.copy(_lzma.__file__, 'mine.so')\n"
+                     "importlib.util.module_from_spec(importlib.util.spec_from_file_location('_lzma', 'mine.so'))",
     "import ctypes": "import ctypes",
     # ctypes' classes outlive the module (and pointer arithmetic raises no audit event): none may be alive
     "ctypes_classes": "def walk(c):\n    yield c\n    for s in type.__subclasses__(c):\n        yield from walk(s)\n"
@@ -280,32 +314,60 @@ def test_the_caller_is_out_of_reach(isolation, attack):
     needs(isolation, "seccomp")
     code = REIMPORTED + CALLER_ATTACKS[attack] + "\nprint('done')"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    run = subprocess.run([sys.executable, "-c", CALLER], input=code, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", CALLER], input=code, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=60, start_new_session=True)  # (a group of its own: killpg must not reach pytest)
     assert run.returncode == 0, run.stderr  # the caller lived
     report = json.loads(run.stdout.splitlines()[-1])
     assert not report["success"] and "PermissionError" in report["error"] and report["unchanged"], report
 
 
+# every environment in sight, the caller's first, also through an fd on /proc (how main's guard was passed)
+READ_ENVIRONMENTS = REIMPORTED + """
+real_open = os.open.__closure__[0].cell_contents if getattr(os.open, "__closure__", None) else os.open
+seen = [str(os.environ).encode()]
+def read(path, dir_fd=None):
+    try:
+        fd = real_open(path, os.O_RDONLY, dir_fd=dir_fd)
+        seen.append(os.read(fd, 10**6))
+    except OSError:
+        pass
+try:
+    proc = real_open("/proc", os.O_RDONLY)
+except OSError:
+    proc = None
+try:
+    pids = os.listdir("/proc")
+except OSError:
+    pids = []
+for pid in ["self", str(os.getppid()), *pids]:
+    read(f"/proc/{pid}/environ")
+    if proc is not None:
+        read(f"{pid}/environ", proc)
+print(SECRET in b"".join(seen))
+"""
+
+
 def test_the_caller_s_environment_is_unreadable(isolation):
     needs(isolation, "Landlock")  # (or a root caller: the program has no capabilities, the caller has)
     secret = "nanochat-test-secret-" + os.urandom(8).hex()
-    code = REIMPORTED + textwrap.dedent(f"""
-        seen = [str(os.environ).encode()]
-        try:
-            pids = [pid for pid in os.listdir("/proc") if pid.isdigit()]
-        except OSError:
-            pids = []
-        for path in ["/proc/self/environ", f"/proc/{{os.getppid()}}/environ", "/proc/1/environ"] + [f"/proc/{{pid}}/environ" for pid in pids]:
-            try:
-                seen.append(open(path, "rb").read())
-            except OSError:
-                pass
-        print({secret.encode()!r} in b"".join(seen))
-    """)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NANOCHAT_TEST_SECRET": secret}
-    run = subprocess.run([sys.executable, "-c", CALLER], input=code, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", CALLER], input=f"SECRET = {secret.encode()!r}\n" + READ_ENVIRONMENTS, cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=60, start_new_session=True)
     report = json.loads(run.stdout.splitlines()[-1])
     assert report["success"] and report["stdout"] == "False\n", report
+
+
+# the guard's tables emptied through the harness's globals (how main's guard was emptied), then a connection
+CONNECT = """
+import sys
+frame = sys._getframe()
+while frame.f_back:
+    frame = frame.f_back
+frame.f_globals["REFUSED_EVENTS"] = frozenset()
+sys.modules["__main__"].__dict__["REFUSED_EVENTS"] = frozenset()
+import socket
+socket.create_connection(("127.0.0.1", PORT), timeout=2)
+"""
 
 
 def test_no_network_even_past_the_guard():
@@ -313,20 +375,8 @@ def test_no_network_even_past_the_guard():
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     server.settimeout(0.5)
-    port = server.getsockname()[1]
-    # the guard's tables patched through the harness's globals (how main's guard was emptied), then a connection
-    code = textwrap.dedent(f"""
-        import sys
-        frame = sys._getframe()
-        while frame.f_back:
-            frame = frame.f_back
-        frame.f_globals["REFUSED_EVENTS"] = frozenset()
-        sys.modules["__main__"].__dict__["REFUSED_EVENTS"] = frozenset()
-        import socket
-        socket.create_connection(("127.0.0.1", {port}), timeout=2)
-    """)
     try:
-        result = execute_code(code)
+        result = execute_code(f"PORT = {server.getsockname()[1]}\n" + CONNECT)
         assert not result.success and "PermissionError" in result.error
         with pytest.raises(socket.timeout):
             server.accept()  # nobody ever connected
