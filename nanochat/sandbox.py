@@ -428,10 +428,13 @@ def child_command(role):
 
 
 def main(role):
-    if role == "program":
+    if role == "program" and sys.platform == "linux":
         # confining takes ctypes, whose classes outlive any unloading and read raw memory without an audit event:
         # confine, then run the code in a fresh interpreter, which never loads it (and cannot: the guard refuses)
-        exec_fd = os.open(sys.executable, os.O_RDONLY | os.O_CLOEXEC)
+        import fcntl
+        interpreter = os.open(sys.executable, os.O_RDONLY | os.O_CLOEXEC)
+        # a number the code can never give a descriptor of its own (RLIMIT_NOFILE): the exec cannot be reused
+        exec_fd = fcntl.fcntl(interpreter, fcntl.F_DUPFD_CLOEXEC, MAX_OPEN_FILES)
         confine(os.getcwd(), exec_fd)
         os.execve(exec_fd, child_command("confined-program"), os.environ)
     if role == "judge":

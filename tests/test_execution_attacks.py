@@ -272,7 +272,7 @@ def test_code_objects_and_raw_memory_are_refused(attack):
 
 
 def test_imports_still_load_their_bytecode():
-    # modules the harness did not import (so loaded from their .pyc under the guard), numpy's C extensions
+    # modules the harness did not import: loaded from their .pyc files with the guard watching marshal
     code = "import fractions, decimal, statistics, typing, heapq, hashlib\nprint(statistics.mean([fractions.Fraction(1, 2), 1]))"
     result = execute_code(code)
     assert result.success and result.stdout == "3/4\n", result.stderr
