@@ -120,7 +120,7 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, test
 
 
 def _start(role, request, workdir, stack):
-    """Start one child (see _child) in its own directory, its request on stdin and its outputs in files."""
+    """Start one child (nanochat/sandbox.py) in its own directory, its request on stdin and its outputs in files."""
     workdir = os.path.join(workdir, role)
     os.mkdir(workdir)
     stdin, stdout, stderr = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(3))
@@ -166,7 +166,7 @@ def bubblewrap_works():
             why = "bubblewrap cannot create its sandbox here (" + (trial.stderr.strip().splitlines() or [f"exit code {trial.returncode}"])[-1] + ")"
     if why:
         logger.warning(f"{why}: model-written code runs without a sandbox, under an in-process guard that stops accidents, "
-                       "not code written to escape it (see nanochat/execution.py)")
+                       "not code written to escape it (see docs/sandbox.md)")
     return why is None
 
 
