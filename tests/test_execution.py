@@ -204,7 +204,7 @@ def test_no_network():
         server.close()
 
 
-@pytest.mark.parametrize("code", ["import sys\nsys.exit(0)", "import sys\nsys.exit('bye')", "exit()", "quit(3)"])
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(0)", "import sys\nsys.exit('bye')", "exit()", "quit(3)", "import os\nos._exit(0)"])
 def test_exit_is_an_error_not_a_crash(code):
     result = execute_code("print('before')\n" + code)
     assert not result.success and result.error
