@@ -11,6 +11,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import is_distributed
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -37,7 +39,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         total_nats += torch.where(num_bytes > 0, losses, 0.0).sum(dtype=sum_dtype)
         total_bytes += num_bytes.sum()
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()

@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from nanochat.engine import Engine, StreamDecoder, reply_parts
 from nanochat.serving import BatchScheduler, Generation, GuardedH11Protocol, StopText
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 
 logger = logging.getLogger("nanochat")
 

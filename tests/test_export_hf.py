@@ -15,7 +15,8 @@ import torch
 from conftest import REPO_ROOT, pretrain_texts
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import UserError
-from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.gpt import build_gpt
+from helpers import tiny_config
 from scripts import export_hf
 
 transformers = pytest.importorskip("transformers", reason="the export needs the [hf] extra: pip install -e '.[hf]'")
@@ -30,8 +31,8 @@ def random_model(vocab_size, january=False):
     """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short (16) and a long (64) window, every 2026
     architecture field off its January value (smear and backout on; january=True: the config of a checkpoint that
     predates them), and every parameter moved off its init (zero projections, gates, lambdas would hide mistakes)."""
-    config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SL", **({} if january else RECIPE_2026))
+    config = tiny_config(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, window_pattern="SL",
+                         **({} if january else RECIPE_2026))
     torch.manual_seed(0)
     model = build_gpt(config, "cpu")
     with torch.no_grad():
