@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_checkpoint, prune_checkpoints, save_checkpoint
-from nanochat.common import (UserError, compute_cleanup, compute_init, format_duration, init_wandb, is_distributed,
-                             positive, print0, print_banner)
+from nanochat.common import (UserError, compute_cleanup, compute_init, format_duration, get_max_memory_mb, init_wandb,
+                             is_distributed, positive, print0, print_banner)
+from nanochat.report import get_report
 
 
 @dataclass
@@ -191,7 +192,14 @@ class Run:
         loop_state["curve"].append({"step": step, **metrics, "time": loop_state["total_training_time"]})
         self.wandb.log({key: value for key, value in {"step": step, **metrics, **(wandb_only or {})}.items() if value is not None})
 
+    def report(self, section, data):
+        """The stage's report section: its flags, `data` and the curve (not under --dry-run)."""
+        if not getattr(self.args, "dry_run", False):
+            get_report().log(section=section, data=[self.user_config, data], curve=self.state.loop_state["curve"])
+
     def finish(self):
+        print0(f"Peak memory: {get_max_memory_mb(self.device.type):.0f} MiB")
+        print0(f"Total training time: {format_duration(self.state.loop_state['total_training_time'])}")
         self.wandb.finish()
         compute_cleanup()
 

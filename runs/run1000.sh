@@ -11,7 +11,7 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 bash runs/setup.sh
 source .venv/bin/activate
 # Re-running after a crash continues the run, as in speedrun.sh
-stage() { python -m nanochat.checkpoint_manager "$@"; }
+skip_or_resume() { python -m nanochat.pipeline "$@"; }
 RERUN=0; [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/d32" ] && RERUN=1
 [ $RERUN = 1 ] || python -m nanochat.report reset
 
@@ -26,14 +26,14 @@ wait $DATASET_DOWNLOAD_PID
 
 # d32 activations at 32 rows x 2048 do not fit next to the optimizer state on 80 GB: 16 rows, and the
 # automatic 2^21 tokens per step through gradient accumulation (8 steps). --fp8 as in the speedrun.
-stage base d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --fp8 \
+skip_or_resume base d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=32 --device-batch-size=16 --fp8 \
     --save-every=2000 --device-type=cuda --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-batch-size=16 --device-type=cuda
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
 
 python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
 from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
-stage sft d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --device-type=cuda \
+skip_or_resume sft d32 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --device-type=cuda \
     --run=$WANDB_RUN  # 16 rows, as the base run
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda
 python -m nanochat.report generate

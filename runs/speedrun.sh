@@ -16,8 +16,8 @@ bash runs/setup.sh
 source .venv/bin/activate
 # Re-running this script after a crash continues the run: the report so far and the tokenizer the model
 # trained with are kept, and each training stage is skipped when it finished or resumed from its last
-# checkpoint (`stage`: python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...).
-stage() { python -m nanochat.checkpoint_manager "$@"; }
+# checkpoint (`skip_or_resume`: python -m nanochat.pipeline STAGE MODEL_TAG COMMAND...).
+skip_or_resume() { python -m nanochat.pipeline "$@"; }
 RERUN=0; [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/d24" ] && RERUN=1
 [ $RERUN = 1 ] || python -m nanochat.report reset
 
@@ -41,7 +41,7 @@ wait $DATASET_DOWNLOAD_PID
 # --device-type=cuda everywhere: a node whose torch cannot see its GPUs stops with one line instead of
 # quietly training on 8 CPU processes. The batch size is automatic (2^20 tokens at d24: 16 rows x 2048 x
 # 8 GPUs x 4 accumulation steps); --fp8 runs the large matmuls on the fp8 tensor cores.
-stage base d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 \
+skip_or_resume base d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 \
     --device-batch-size=16 --fp8 --save-every=2000 --keep-last=2 --device-type=cuda --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --device-type=cuda
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-type=cuda
@@ -50,12 +50,12 @@ torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-t
 python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
 from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
 
-stage sft d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --keep-last=2 \
+skip_or_resume sft d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --save-every=200 --keep-last=2 \
     --device-type=cuda --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft --device-type=cuda
 
 # optional: reinforcement learning on GSM8K (uncomment; ~+1.5 h)
-# stage rl d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_rl -- --save-every=60 --keep-last=2 \
+# skip_or_resume rl d24 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_rl -- --save-every=60 --keep-last=2 \
 #     --device-type=cuda --run=$WANDB_RUN
 # torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i rl -a GSM8K --device-type=cuda
 

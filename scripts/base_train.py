@@ -26,7 +26,6 @@ from nanochat.optim import (get_lr_multiplier, get_muon_momentum, get_weight_dec
                             auto_batch_size, batch_lr_scale, transfer_weight_decay, REFERENCE_BATCH_SIZE)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.core_eval import evaluate_core
-from nanochat.report import get_report
 from nanochat.run import Run, RunState, StepMeter, add_run_flags, check_resume_step, restore_process_state
 
 # -----------------------------------------------------------------------------
@@ -285,11 +284,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     min_val_bpb = min((point["val_bpb"] for point in loop_state["curve"] if "val_bpb" in point), default=None)
-    print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
-    print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
-    if min_val_bpb is not None:
-        print0(f"Minimum val bpb: {min_val_bpb:.4f}")
-    report_data = [run.user_config, {
+    run.report("Base model training", {
         "Number of parameters": param_counts["total"],
         "FLOPs per token": f"{num_flops_per_token:e}",
         "Iterations": num_iterations,
@@ -300,10 +295,9 @@ def main(argv=None):
         "Final validation bpb": state.val_bpb,
         "Total training time": format_duration(loop_state["total_training_time"]),
         "Peak memory (MiB)": round(get_max_memory_mb(device_type)),
-    }]
-    if core_results is not None:
-        report_data[1][core_results["label"]] = core_results["core_metric"]
-    get_report().log(section="Base model training", data=report_data, curve=loop_state["curve"])
+        **({core_results["label"]: core_results["core_metric"]} if core_results else {}),
+    })
+    print0(f"Minimum val bpb: {min_val_bpb:.4f}" if min_val_bpb is not None else "No val bpb evaluated (--eval-every=-1)")
     run.finish()
 
 

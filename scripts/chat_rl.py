@@ -24,12 +24,11 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import print0, get_compute_dtype, synchronize, get_base_dir, get_max_memory_mb, format_duration, positive, all_reduce_sum
+from nanochat.common import print0, get_compute_dtype, synchronize, get_base_dir, format_duration, positive, all_reduce_sum
 from nanochat.checkpoint_manager import find_checkpoint, load_model, STAGE_DIRS
 from nanochat.chat_train import training_rows, group_advantages, policy_gradient_loss, loss_normaliser
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
-from nanochat.report import get_report
 from nanochat.run import Run, RunState, StepMeter, add_run_flags, add_checkpoint_flags, check_resume_step, restore_process_state
 from tasks.gsm8k import GSM8K
 
@@ -186,15 +185,12 @@ def main(argv=None):
                 step, {"train/lrm": lrm, "train/dt": dt}, reward=mean_reward, answer_length=mean_length)
 
     # -------------------------------------------------------------------------
-    print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
-    print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
-    if not args.dry_run:
-        get_report().log(section="Chat RL", data=[run.user_config, {
-            "Number of iterations": step,
-            "DDP world size": world_size,
-            **{f"GSM8K test {k}": v for k, v in state.val_pass_at_k.items()},
-            "Total training time": format_duration(loop_state["total_training_time"]),
-        }], curve=loop_state["curve"])
+    run.report("Chat RL", {
+        "Number of iterations": step,
+        "DDP world size": world_size,
+        **{f"GSM8K test {k}": v for k, v in state.val_pass_at_k.items()},
+        "Total training time": format_duration(loop_state["total_training_time"]),
+    })
     run.finish()
 
 

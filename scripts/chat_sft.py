@@ -36,7 +36,6 @@ from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.tokenizer import get_token_bytes
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
 from nanochat.run import (Run, RunState, StepMeter, add_run_flags, add_checkpoint_flags, check_resume_step, gather_from_ranks,
                           restore_process_state)
 from tasks.common import TaskMixture, first_examples
@@ -257,20 +256,17 @@ def main(argv=None):
                 train_loss=debiased_loss)
 
     # -------------------------------------------------------------------------
-    print0(f"Peak memory: {get_max_memory_mb(device_type):.0f} MiB")
-    print0(f"Total training time: {format_duration(loop_state['total_training_time'])}")
     print0(f"Conversations longer than a row, truncated to it: {data_state['truncated']:,} (rank 0)")
-    if not args.dry_run:
-        get_report().log(section="Chat SFT", data=[run.user_config, {
-            "Training conversations": len(train_dataset),
-            "Number of iterations": step,
-            "Tokens per step": total_batch_size,
-            "DDP world size": world_size,
-            "Final validation bpb": state.val_bpb,
-            **(state.chatcore or {}),
-            "Total training time": format_duration(loop_state["total_training_time"]),
-            "Peak memory (MiB)": round(get_max_memory_mb(device_type)),
-        }], curve=loop_state["curve"])
+    run.report("Chat SFT", {
+        "Training conversations": len(train_dataset),
+        "Number of iterations": step,
+        "Tokens per step": total_batch_size,
+        "DDP world size": world_size,
+        "Final validation bpb": state.val_bpb,
+        **(state.chatcore or {}),
+        "Total training time": format_duration(loop_state["total_training_time"]),
+        "Peak memory (MiB)": round(get_max_memory_mb(device_type)),
+    })
     run.finish()
 
 
