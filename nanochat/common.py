@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import atexit
+import contextlib
 import shutil
 import socket
 import argparse
@@ -355,7 +356,7 @@ def _process_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, under another user
+        pass  # it exists, under another user
     return True
 
 
@@ -384,16 +385,12 @@ def remove_temp_files(directory, stale_only=True):
 
 def _fsync_dir(path):
     """Make a rename durable: the directory entry itself must reach the disk (no-op where unsupported)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path, write_fn):

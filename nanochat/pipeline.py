@@ -1,18 +1,16 @@
 """
-Re-running a pipeline after a crash: a run script passes each stage through this runner, and started again,
+Re-running a pipeline after a crash: a run script passes each step through this runner, and started again,
 it redoes only what is not done yet.
 
     python -m nanochat.pipeline STAGE MODEL_TAG COMMAND...              # COMMAND trains STAGE
     python -m nanochat.pipeline --evaluates STAGE MODEL_TAG COMMAND...  # COMMAND evaluates STAGE's result
 
-STAGE is tok (the tokenizer; its MODEL_TAG is not used, write -), base, sft or rl (the checkpoints in
-base_dir/<stage dir>/MODEL_TAG). A training command is skipped when its stage finished (the newest checkpoint
-is the run's last step), runs with --resume-from-step=<its newest step> when the stage was interrupted after
-a --save-every checkpoint, and runs as given otherwise. An evaluation command is skipped when it succeeded
-before on exactly the result it would evaluate now (the newest checkpoint, told apart by a hash of its meta).
-A stage trained again therefore invalidates what follows it: the evaluations of its new result run, and a
-later stage that trained on its old result is moved aside (never deleted) and trained again.
-What the runner has seen is recorded in base_dir/pipeline.json.
+STAGE: tok (the tokenizer; MODEL_TAG unused, write -), base, sft or rl (base_dir/<stage dir>/MODEL_TAG). A
+training command is skipped when its stage finished, gets --resume-from-step=<newest step> when it was
+interrupted, and runs as given otherwise. An evaluation is skipped when it succeeded before on exactly the
+result it would evaluate now. So a stage trained again invalidates what follows: the evaluations of its new
+result run, and a later stage trained on its old result is moved aside (never deleted) and trained again.
+What the runner has seen: base_dir/pipeline.json.
 """
 
 import argparse
@@ -53,11 +51,8 @@ def result_of(stage, model_tag):
 
 
 def stage_progress(stage, model_tag):
-    """
-    -> ("finished", step) when the newest complete checkpoint is the last step of its run (meta "finished"; the
-    tokenizer: both files there), ("interrupted", step) when it is one that --save-every wrote (the run resumes
-    from it), ("fresh", None) when there is none.
-    """
+    """-> ("finished", step) when the newest complete checkpoint is its run's last (the tokenizer: both files there),
+    ("interrupted", step) when --save-every wrote it (the run resumes from it), ("fresh", None) when there is none."""
     directory = stage_dir(stage, model_tag)
     if stage == "tok":
         return ("finished", None) if result_of(stage, model_tag) else ("fresh", None)

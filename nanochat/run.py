@@ -1,15 +1,8 @@
 """
 A training run's life, the same for base_train, chat_sft and chat_rl: its flags, its start (device, ranks,
 wandb), its state (RunState: exactly what a checkpoint's meta_*.json holds), resuming it, saving it, when an
-evaluation is due, and its log (the per-step line, the curve, wandb). Each script keeps its loop in view:
-
-    run = Run(args, "nanochat", DEVICE_DEFAULTS)
-    state = run.resume(checkpoint_dir, model, optimizer, scaler) if resuming else RunState(...)
-    while True:
-        if run.due(args.eval_every, step, last_step): ...evaluate...; run.log(...)
-        if run.save_due(step, last_step): run.save(state, model, optimizer, scaler)
-        ...one optimizer step...; run.log(meter.line(...), step, train_loss=...)
-    run.finish()
+evaluation is due, and its log (the per-step line, the curve, wandb, the report). The loop itself stays in
+each script: `if run.due(args.eval_every, step, last_step): ...`, `if run.save_due(step, last_step): run.save(...)`.
 """
 
 import functools

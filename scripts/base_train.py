@@ -127,7 +127,8 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # Batch size, horizon and hyperparameters. They were tuned at d12 on 2^19 tokens per step; a run on D tokens
     # (ratio x scaling params) transfers them from that reference run on D_ref tokens (same ratio and vocab):
-    # the batch grows as D^0.383 and every LR as sqrt(batch) (Power Lines, Bergsma et al. 2025; optim.py).
+    # the best batch grows as a power of D (Power Lines, Bergsma et al. 2025; exponent 0.383, upstream nanochat's
+    # 2026 fit) and every LR as sqrt(batch) (optim.py).
     model_scaling_params = scaling_params(config)
     target_tokens = args.target_param_data_ratio * model_scaling_params
     reference_config = config_for_depth(12, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim, args.window_pattern)

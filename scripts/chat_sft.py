@@ -119,9 +119,8 @@ def main(argv=None):
     # not its flags. The batch can be overridden, e.g. to fit memory.
     resolved = source_meta.get("resolved")
     if resolved is None:
-        raise SystemExit(f"The {args.source} checkpoint in {source_dir} does not record the batch size and LRs it trained "
-                         f"with (it predates that): add to its meta_{source_step:06d}.json a \"resolved\" entry "
-                         f"{{\"total_batch_size\", \"embedding_lr\", \"unembedding_lr\", \"matrix_lr\", \"scalar_lr\"}}")
+        raise SystemExit(f"The {args.source} checkpoint in {source_dir} predates recording its batch size and LRs: add to its "
+                         f"meta_{source_step:06d}.json a \"resolved\" entry (keys: docs/formats.md, Checkpoints)")
     device_batch_size = args.device_batch_size if args.device_batch_size > 0 else source_meta.get("device_batch_size")
     if device_batch_size is None:
         parser.error(f"the checkpoint in {source_dir} does not record its device batch size: pass --device-batch-size")
