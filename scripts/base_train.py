@@ -57,7 +57,7 @@ parser.add_argument("--final-lr-frac", type=float, default=0.05)
 # evaluation and checkpoints. Evaluations every N steps also run at the end; -1 = never, 0 = only at the end.
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps and at the end (-1 = never, 0 = only at the end)")
 parser.add_argument("--eval-tokens", type=positive(int), default=None,
-                    help="tokens of the val split per bpb evaluation (default: 80 x 524,288 on a GPU; 2^17 elsewhere, ~20 s at d4 on 2 CPU cores)")
+                    help="tokens of the val split per bpb evaluation (default: 80 x 524,288 on a GPU; 2^16 elsewhere, ~10 s at d4 on 2 CPU cores)")
 parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps and at the end (-1 = never, 0 = only at the end)")
 parser.add_argument("--core-metric-max-per-task", type=int, default=None, help="examples per CORE task (-1 = all; default: 500 on a GPU, 50 elsewhere)")
 parser.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps and at the end (-1 = never, 0 = only at the end)")
@@ -65,8 +65,8 @@ parser.add_argument("--model-tag", type=str, default="", help="checkpoint dir na
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = where it pays (GPUs, bf16 CPUs)")
 parser.add_argument("--fp8", action="store_true", help="train the large matmuls in fp8 (Hopper/Ada GPUs; eval stays in the compute dtype)")
 # Evaluation sizes for an H100 take hours on a CPU: the defaults there keep one val bpb evaluation of d4 well
-# under a minute (dev/LOG.md, "The training stages as functions").
-DEVICE_DEFAULTS = {"eval_tokens": (80 * 524288, 2**17), "core_metric_max_per_task": (500, 50)}
+# under a minute (2^16 tokens: 18 s of one AVX2 core; dev/LOG.md, "The training stages as functions").
+DEVICE_DEFAULTS = {"eval_tokens": (80 * 524288, 2**16), "core_metric_max_per_task": (500, 50)}
 
 
 def scaling_params(config):

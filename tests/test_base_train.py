@@ -213,7 +213,7 @@ def test_resume_at_or_past_the_end_is_refused(base_dir, capsys):
     base_train.main([a for a in TINY if not a.startswith(("--eval-tokens", "--core-metric"))] +
                     ["--num-iterations=2", "--eval-every=-1", "--core-metric-every=-1"])
     meta = read_meta(base_dir, 2)  # evaluation sizes left at their default: the CPU's, recorded as used
-    assert (meta["user_config"]["eval_tokens"], meta["user_config"]["core_metric_max_per_task"]) == (2**17, 50)
+    assert (meta["user_config"]["eval_tokens"], meta["user_config"]["core_metric_max_per_task"]) == (2**16, 50)
     assert meta["val_bpb"] is None and "val bpb" not in capsys.readouterr().out  # -1: never, not even at the end
     ckpt = base_dir / "base_checkpoints" / "d2"
     before = {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)}
