@@ -124,6 +124,7 @@ def test_automatic_batch_size_is_derived_printed_and_recorded(base_dir, capsys):
     assert resolved["weight_decay"] == pytest.approx(0.28 * scale / ratio)
 
 
+@pytest.mark.slow
 def test_evaluations_run_on_their_schedule_and_at_the_end_only_when_on(base_dir, capsys):
     log = run(["--num-iterations=3", "--eval-every=0", "--sample-every=0"], capsys)  # 0: only at the end
     assert list(val_bpbs(log)) == [3] and log.count("The capital of France is") == 1
@@ -131,6 +132,7 @@ def test_evaluations_run_on_their_schedule_and_at_the_end_only_when_on(base_dir,
     assert list(val_bpbs(log)) == [0, 2, 3] and "The capital" not in log
 
 
+@pytest.mark.slow
 def test_the_final_checkpoint_is_saved_before_the_final_core_evaluation(base_dir, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")  # what a big CORE batch does on a full GPU
@@ -194,6 +196,7 @@ def test_fp8_on_a_cpu_is_refused_in_one_line(base_dir):
         base_train.main(TINY + ["--fp8"])
 
 
+@pytest.mark.slow
 def test_missing_tokenizer_or_data_fail_in_one_line(tiny_tokenizer, isolated_data_env, tmp_path, monkeypatch):
     """What a user sees: one line, no traceback (a real process: compute_init's excepthook)."""
     env = {**os.environ, "NANOCHAT_DATA_DIR": str(TEST_DATA), "OMP_NUM_THREADS": "1"}
@@ -208,13 +211,14 @@ def test_missing_tokenizer_or_data_fail_in_one_line(tiny_tokenizer, isolated_dat
         base_train.main(TINY)
 
 
+@pytest.mark.slow
 def test_resume_at_or_past_the_end_is_refused(base_dir, capsys):
     """It used to train forever (the loop stops only at step == num_iterations) with a negative LR."""
     base_train.main([a for a in TINY if not a.startswith(("--eval-tokens", "--core-metric"))] +
                     ["--num-iterations=2", "--eval-every=-1", "--core-metric-every=-1"])
     meta = read_meta(base_dir, 2)  # evaluation sizes left at their default: the CPU's, recorded as used
     assert (meta["user_config"]["eval_tokens"], meta["user_config"]["core_metric_max_per_task"]) == (2**16, 50)
-    assert meta["val_bpb"] is None and "val bpb" not in capsys.readouterr().out  # -1: never, not even at the end
+    assert meta["val_bpb"] is None and "| val bpb" not in capsys.readouterr().out  # -1: never, not even at the end
     ckpt = base_dir / "base_checkpoints" / "d2"
     before = {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)}
     for num_iterations in (2, 1):  # at the end, and past it (there a zero-length warmdown divided by zero)
@@ -223,6 +227,7 @@ def test_resume_at_or_past_the_end_is_refused(base_dir, capsys):
     assert {name: (ckpt / name).read_bytes() for name in os.listdir(ckpt)} == before  # the checkpoint is untouched
 
 
+@pytest.mark.slow
 def test_keep_last_bounds_the_checkpoints_on_disk(base_dir, capsys):
     ckpt = base_dir / "base_checkpoints" / "d2"
 

@@ -344,6 +344,7 @@ cm.save_checkpoint(checkpoint_dir, 2, model_data, optim_data, dict(meta, step=2)
 
 
 @pytest.mark.parametrize("which", ["model", "optim"])
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_step_and_next_start_cleans_up(tmp_path, which):
     checkpoint_dir = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

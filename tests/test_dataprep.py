@@ -351,6 +351,7 @@ def start_stalled_download(program, tmp_path, base_dir):
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.slow
 def test_ctrl_c_stops_a_download_within_two_seconds_leaving_no_partial_file(tmp_path, base_dir, program):
     process, server, dest = start_stalled_download(program, tmp_path, base_dir)
     try:
@@ -368,6 +369,7 @@ def test_ctrl_c_stops_a_download_within_two_seconds_leaving_no_partial_file(tmp_
         assert "Traceback" not in err and "Interrupted" in err
 
 
+@pytest.mark.slow
 def test_temp_files_of_a_killed_download_are_removed_at_the_next_start(tmp_path, base_dir):
     process, server, dest = start_stalled_download("shards", tmp_path, base_dir)
     process.kill()  # kill -9: no chance to clean up

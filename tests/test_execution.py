@@ -310,6 +310,7 @@ def test_low_level_writes_cannot_corrupt_the_report():
     assert result.success and result.stdout == "fine\n"
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_pass():
     from tasks.humaneval import HumanEval, build_program
     task = HumanEval(data_dir=str(TEST_DATA))

@@ -89,6 +89,7 @@ def test_logits_match(exported):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_cached_chunks_match_one_pass(exported):
     """Prefill in two chunks, then single tokens, through the cache (windows, positions, smear's carried
     embedding at each chunk's first token) gives the logits of one pass over the whole sequence."""
@@ -104,6 +105,7 @@ def test_cached_chunks_match_one_pass(exported):
     assert (full - torch.cat(chunks, dim=1)).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches(exported):
     """32 greedy tokens after a 40-token prompt (past every window and past sequence_len) with transformers'
     generate and its KV cache, for two rows at once, equal our naive generation token for token."""
@@ -115,6 +117,7 @@ def test_greedy_generation_matches(exported):
         assert generated[row, 40:].tolist() == ours
 
 
+@pytest.mark.slow
 def test_beam_search_cache_follows_the_beams(exported):
     """Beam search reorders the cache rows (and smear's carried embedding) as beams swap: each returned beam's
     score must be the sum of its tokens' log-probabilities under one uncached forward pass."""
@@ -236,6 +239,7 @@ def run_export(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
     """A checkpoint whose saved config predates the 2026 fields exports with their January values."""
     model = random_model(tiny_tokenizer.get_vocab_size(), january=True)
@@ -253,6 +257,7 @@ def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
         assert (model(ids) - hf_model(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_cli_refuses_unknown_config_field_in_one_line(tiny_tokenizer, base_dir, tmp_path):
     model = random_model(tiny_tokenizer.get_vocab_size())
     save_base_checkpoint(base_dir, model, tiny_tokenizer, {**dataclasses.asdict(model.config), "mystery_gate": True})

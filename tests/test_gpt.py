@@ -191,6 +191,7 @@ def test_one_layer_model_takes_the_first_layer_scalars():
     assert torch.isfinite(model(random_tokens(model.config, 1, 8))).all()
 
 
+@pytest.mark.slow
 def test_config_for_depth_is_the_2026_architecture():
     config = config_for_depth(20, vocab_size=32768, sequence_len=2048)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (20, 1280, 10, 10)

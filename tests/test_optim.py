@@ -281,6 +281,7 @@ def test_disabled_grad_scaler_is_a_pass_through():
     assert all(torch.equal(p, q) for p, q in zip(params, reference))
 
 
+@pytest.mark.slow
 def test_fp16_training_with_the_scaler_learns(monkeypatch):
     from nanochat.gpt import build_gpt
     monkeypatch.setenv("NANOCHAT_DTYPE", "float16")

@@ -23,6 +23,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_a_stage_runs_fresh_resumes_when_interrupted_and_skips_when_finished(base_dir, capsys):
     checkpoint_dir = str(base_dir / "chatsft_checkpoints" / "d2")
     result = run_cli("sft", "d2")  # nothing saved yet: the command as given
