@@ -1,7 +1,8 @@
 """
 Models, checkpoints and servers several test modules share (a test module never imports another, nor does a
-torchrun worker): tiny random GPTs, mocks that honour the Engine's model contract, the chat server run for real
-on a free local port, the bits-per-byte fixtures and a tiny checkpoint for the chat stages.
+torchrun worker): the tiny model config every test builds on (tiny_config) and tiny random GPTs, mocks that
+honour the Engine's model contract, the chat server run for real on a free local port, the bits-per-byte
+fixtures and a tiny checkpoint for the chat stages.
 """
 import contextlib
 import socket
