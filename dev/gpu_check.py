@@ -102,12 +102,13 @@ def check_base_train(sizes, device, env):
                 results[name] = {"error": (proc.stdout + proc.stderr)[-2000:]}
                 continue
             out = proc.stdout
-            rows = re.findall(r"tok/sec ([\d,]+) \| mfu ([\d.]+)", out)
+            rows = re.findall(r"tok/sec ([\d,]+)(?: \| mfu ([\d.]+))?", out)  # (no mfu where the peak is unknown: CPUs)
             timed = rows[len(rows) // 3:]  # past compilation and warm-up
+            mfus = sorted(float(m) for _, m in timed if m)
             dynamo = json.loads(re.search(r"^DYNAMO (.*)$", out, re.M).group(1))
             results[name] = {
                 "tok_per_sec": sorted(int(t.replace(",", "")) for t, _ in timed)[len(timed) // 2],
-                "mfu_percent": sorted(float(m) for _, m in timed)[len(timed) // 2],
+                "mfu_percent": mfus[len(mfus) // 2] if mfus else None,
                 "peak_memory_mib": int(re.search(r"Peak memory: (\d+) MiB", out).group(1)),
                 "graphs_compiled": dynamo.get("stats", {}).get("unique_graphs", 0),
                 "graph_breaks": sum(dynamo.get("graph_break", {}).values()),

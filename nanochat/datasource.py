@@ -35,8 +35,8 @@ OFFLINE_HINT = ("Offline? Set NANOCHAT_DATA_DIR to a local data tree (pretrain/,
 def embedded_requested():
     """
     True when this run takes the embedded sample: NANOCHAT_DATA=embedded, or NANOCHAT_DATA unset and a base
-    dir that a run with NANOCHAT_DATA=embedded filled (it remembers: EMBEDDED_MARKER), so that a stage of the
-    CPU demo resumed by hand reads the data the demo read. NANOCHAT_DATA= (set, empty) never takes it.
+    dir that a run with NANOCHAT_DATA=embedded filled (remember_embedded_setting), so that a stage of the CPU
+    demo resumed by hand reads the data the demo read. NANOCHAT_DATA= (set, empty) never takes it.
     """
     value = os.environ.get("NANOCHAT_DATA")
     if value is None:
@@ -66,20 +66,25 @@ def find_data(tree_path, base_names=(), present=os.path.exists):
         candidates.append((f"NANOCHAT_DATA_DIR={root}", os.path.join(root, tree_path)))
     base_dir = get_base_dir()
     candidates += [(f"the base dir {base_dir}", os.path.join(base_dir, name)) for name in base_names]
-    embedded = None
     if embedded_requested():
-        marker = os.path.join(base_dir, EMBEDDED_MARKER)
-        why = "NANOCHAT_DATA=embedded" if os.environ.get("NANOCHAT_DATA") else f"{marker} says this base dir was filled from it"
-        embedded = (f"the embedded sample in {EMBEDDED_DATA_DIR} ({why}; for the CPU demo and tests only; NANOCHAT_DATA= "
-                    f"to download instead)", os.path.join(EMBEDDED_DATA_DIR, tree_path))
-        candidates.append(embedded)
-    for candidate in candidates:
-        if present(candidate[1]):
-            announce(candidate[0])
-            if candidate is embedded and not os.path.exists(marker):
-                open(marker, "w").close()  # remembered for later runs on this base dir (its existence is the record)
-            return candidate[1]
+        why = "NANOCHAT_DATA=embedded" if os.environ.get("NANOCHAT_DATA") else \
+            f"{os.path.join(base_dir, EMBEDDED_MARKER)} says this base dir was filled from it"
+        candidates.append((f"the embedded sample in {EMBEDDED_DATA_DIR} ({why}; for the CPU demo and tests only; "
+                           f"NANOCHAT_DATA= to download instead)", os.path.join(EMBEDDED_DATA_DIR, tree_path)))
+    for source, path in candidates:
+        if present(path):
+            announce(source)
+            return path
     return None
+
+
+def remember_embedded_setting():
+    """
+    For the stage that starts filling a base dir (tok_train): under NANOCHAT_DATA=embedded, mark the base dir
+    (EMBEDDED_MARKER, an empty file) so that every later stage on it takes the embedded sample too.
+    """
+    if os.environ.get("NANOCHAT_DATA") == "embedded":
+        open(os.path.join(get_base_dir(), EMBEDDED_MARKER), "w").close()
 
 
 # -----------------------------------------------------------------------------

@@ -42,8 +42,11 @@ def test_a_base_dir_filled_from_the_embedded_sample_remembers_it(base_dir, monke
     (it used to retry downloads for 23 s and end in tracebacks)."""
     need = "chat/gsm8k/train.jsonl.gz"
     assert not datasource.embedded_requested() and datasource.find_data(need) is None
+    datasource.remember_embedded_setting()  # (tok_train's call) without NANOCHAT_DATA=embedded: nothing to remember
+    assert os.listdir(base_dir) == []
     monkeypatch.setenv("NANOCHAT_DATA", "embedded")
-    assert datasource.find_data(need) == str(REPO_ROOT / "data" / need)
+    assert datasource.find_data(need) == str(REPO_ROOT / "data" / need) and os.listdir(base_dir) == []  # reads only
+    datasource.remember_embedded_setting()
     monkeypatch.delenv("NANOCHAT_DATA")
     assert datasource.embedded_requested() and datasource.find_data(need) == str(REPO_ROOT / "data" / need)
     datasource.announce.cache_clear()
