@@ -34,7 +34,7 @@ from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import compute_init
 from nanochat.dataset import list_parquet_files
 from nanochat.datasource import EMBEDDED_DATA_DIR
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 
 ARC_PROMPT = "Question: {question}\nAnswer:"  # lm-eval's arc_easy doc_to_text; choices follow after a space
 

@@ -4,18 +4,15 @@ Checkpoints: save them atomically, find the latest complete one, rebuild model +
 One checkpoint of step N in a directory (base_dir/<stage>_checkpoints/<model_tag>/):
   model_{N:06d}.pt            the model state dict (rank 0)
   optim_{N:06d}_rank{r}.pt    each rank's optimizer shard (optional; needed only to resume training)
-  meta_{N:06d}.json           model config + training state (rank 0), written LAST
-Every file is written to a hidden temp name in the same directory, fsynced, then renamed into place, so
-a file under its final name is always whole. Because meta is written last (after every rank's optimizer
-shard), a checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at
-most an incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp
-files of a killed save are removed by the next save or load in that directory.
-Training stages resume from their own checkpoints (resume_training), and a run script re-run after a
-crash skips the stages that finished and resumes the interrupted one:
-  python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...
+  meta_{N:06d}.json           model config + training state (rank 0; nanochat/run.py's RunState), written LAST
+Every file is written whole or not at all (common.atomic_write: a temp name, fsync, rename), so a file under
+its final name is always whole. Because meta is written last (after every rank's optimizer shard), a
+checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at most an
+incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp files of a
+killed save are removed by the next save or load in that directory.
+(Resuming a run: nanochat/run.py; re-running a pipeline stage by stage: nanochat/pipeline.py.)
 """
 
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -24,13 +21,11 @@ import logging
 import math
 import os
 import re
-import socket
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, print0, UserError
+from nanochat.common import get_base_dir, UserError, atomic_write, remove_temp_files as remove_stale_temp_files
 
 logger = logging.getLogger("nanochat")
 
@@ -40,8 +35,6 @@ STAGE_SCRIPTS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": 
 
 MODEL_FILE_RE = re.compile(r"^model_(\d{6,})\.pt$")
 STEP_FILE_RE = re.compile(r"^(?:model_(\d{6,})\.pt|meta_(\d{6,})\.json|optim_(\d{6,})_rank\d+\.pt)$")
-# .model_000100.pt.<host>-<pid>.<random>.tmp: the writer's host and pid tell a dead save's leftovers apart
-TEMP_FILE_RE = re.compile(r"^\.(?:model|optim|meta)_.*\.(?P<host>\w+)-(?P<pid>\d+)\.\w+\.tmp$")
 
 
 def model_path(checkpoint_dir, step):
@@ -54,76 +47,6 @@ def meta_path(checkpoint_dir, step):
 
 def optim_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
-
-
-def _fsync_dir(path):
-    """Make a rename durable: the directory entry itself must reach the disk (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _host():
-    return re.sub(r"\W", "_", socket.gethostname())
-
-
-def atomic_write(path, write_fn):
-    """
-    Call write_fn(binary_file) on a temp file next to `path`, fsync it, then rename it over `path`.
-    The temp name starts with '.' and ends with '.tmp' so no checkpoint glob ever matches it, and names
-    this process (host, pid) so that remove_stale_temp_files can tell whether its writer is gone.
-    """
-    directory = os.path.dirname(path) or "."
-    prefix = f".{os.path.basename(path)}.{_host()}-{os.getpid()}."
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(directory)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
-def remove_stale_temp_files(checkpoint_dir):
-    """
-    Delete the temp files that killed saves left in checkpoint_dir (a big model leaves one as big as
-    itself per kill). Only files whose writer is gone: written on this host by a process that no longer
-    exists. A live process's file (another rank saving right now) and files from other hosts (nodes
-    sharing the disk) are left alone.
-    """
-    if not os.path.isdir(checkpoint_dir):
-        return
-    host = _host()
-    for name in os.listdir(checkpoint_dir):
-        match = TEMP_FILE_RE.match(name)
-        if match and match["host"] == host and not _process_alive(int(match["pid"])):
-            try:
-                os.remove(os.path.join(checkpoint_dir, name))
-                logger.info(f"Removed {name}, left in {checkpoint_dir} by an interrupted save")
-            except OSError:
-                pass  # another rank removed it first, or the directory is read-only: nothing to do
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
@@ -288,48 +211,6 @@ def _damaged(path, step, problem):
     return UserError(f"Checkpoint file {path} {problem}, so step {step} cannot be loaded. Pick another step "
                      f"(complete: {', '.join(map(str, others)) or 'none'}), or delete step {step}'s files "
                      f"(*_{step:06d}*) from {checkpoint_dir}")
-
-
-def check_resume_step(resume_step, num_iterations):
-    """
-    Every stage that resumes calls this once its horizon is known: the loop runs from the resumed step
-    up to num_iterations, so a step at or past the end would never reach its last step.
-    """
-    if not 0 <= resume_step < num_iterations:
-        raise UserError(f"Cannot resume from step {resume_step}: this run ends at step {num_iterations}. Resume "
-                        f"from an earlier step, or train for more steps (--num-iterations > {resume_step})")
-
-
-def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0, scaler=None):
-    """
-    Continue a run from a checkpoint its --save-every wrote: load the weights into the freshly built
-    model, this rank's optimizer shard into its optimizer and fp16's loss scale into the scaler -> the step's
-    meta (loop and data state).
-    """
-    print0(f"Resuming from step {step} of {checkpoint_dir}")
-    model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-    saved_world_size, world_size = optimizer_data.get("world_size", 1), _world_size()
-    if saved_world_size != world_size:
-        raise UserError(f"Step {step} in {checkpoint_dir} was saved by {saved_world_size} process(es) and this run has "
-                        f"{world_size}: each holds only its shard of the optimizer, so resume with {saved_world_size}")
-    model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
-    optimizer.load_state_dict(optimizer_data)
-    if scaler is not None:
-        scaler.scale, scaler.clean_steps = meta_data["loss_scale"]
-    return meta_data
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_from_ranks(value):
-    """-> [rank 0's value, rank 1's, ...] on every rank: per-rank state (a data position) for meta, which rank 0 writes."""
-    if _world_size() == 1:
-        return [value]
-    values = [None] * _world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 def prune_checkpoints(checkpoint_dir, keep_last, keep_steps=()):
@@ -527,58 +408,3 @@ def load_model(source, device, phase, model_tag=None, step=None):
     """source: base|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints. To know which tag
     and step the defaults picked, call find_checkpoint first and pass them here."""
     return load_model_from_dir(stage_checkpoints_dir(source), device, phase, model_tag, step)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Re-running a pipeline after a crash: each training stage skips when it finished and resumes when it
-# was interrupted, so a run script can simply be started again.
-
-def stage_progress(checkpoint_dir):
-    """
-    -> ("finished", step) when the newest complete checkpoint is the last step of its run (meta "finished"),
-    ("interrupted", step) when it is one that --save-every wrote (the run resumes from it), ("fresh", None)
-    when there is none.
-    """
-    steps = complete_steps(checkpoint_dir)
-    if not steps:
-        return "fresh", None
-    step = steps[-1]
-    if _read_file(meta_path(checkpoint_dir, step), step, _read_json).get("finished"):
-        return "finished", step
-    if not os.path.exists(optim_path(checkpoint_dir, step, 0)):
-        raise UserError(f"Step {step} in {checkpoint_dir} is neither the end of a run nor resumable (it has no optimizer "
-                        f"state): delete {checkpoint_dir} to train that stage again")
-    return "interrupted", step
-
-
-def run_stage(argv=None):
-    """
-    python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...  runs COMMAND, the training of one stage,
-    unless that stage already finished; when it was interrupted, COMMAND gets --resume-from-step=<its last step>.
-    """
-    parser = argparse.ArgumentParser(prog="python -m nanochat.checkpoint_manager", description=run_stage.__doc__)
-    parser.add_argument("stage", choices=sorted(STAGE_DIRS))
-    parser.add_argument("model_tag", help="the checkpoint directory of the stage, e.g. d20")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command that trains the stage")
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.error("give the command that trains the stage")
-    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.stage], args.model_tag)
-    try:
-        progress, step = stage_progress(checkpoint_dir)
-    except UserError as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
-    if progress == "finished":
-        print(f"{args.stage} {args.model_tag}: finished at step {step} in {checkpoint_dir}, skipping it", flush=True)
-        return
-    command = args.command + ([f"--resume-from-step={step}"] if progress == "interrupted" else [])
-    if progress == "interrupted":
-        print(f"{args.stage} {args.model_tag}: resuming from step {step} of {checkpoint_dir}", flush=True)
-    try:
-        os.execvp(command[0], command)
-    except OSError as e:
-        parser.exit(127, f"{parser.prog}: error: cannot run {command[0]}: {e.strerror}\n")
-
-
-if __name__ == "__main__":
-    run_stage()

@@ -17,7 +17,7 @@ for f in $FLOPS; do
     for d in $DEPTHS; do
         tag="iso_${f}_d$d"
         $TORCHRUN -m scripts.base_train -- --depth=$d --target-flops=$f \
-            --model-tag=$tag --eval-every=-1 --core-metric-every=-1 --sample-every=-1
+            --model-tag=$tag --eval-every=0 --core-metric-every=-1 --sample-every=-1  # val bpb only at the end
         $TORCHRUN -m scripts.base_eval -- -g $tag --max-per-task=500
         TAGS="$TAGS $tag"; BUDGETS="$BUDGETS $f"
     done

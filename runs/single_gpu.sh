@@ -35,29 +35,28 @@ echo "single_gpu: d$DEPTH, $ROWS rows of 2048 tokens per forward/backward on a G
 bash runs/setup.sh
 source .venv/bin/activate
 # Re-running after a crash continues the run, as in speedrun.sh
-stage() { python -m nanochat.checkpoint_manager "$@"; }
-RERUN=0; [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/d$DEPTH" ] && RERUN=1
-[ $RERUN = 1 ] || python -m nanochat.report reset
+skip_or_resume() { python -m nanochat.pipeline "$@"; }
+[ -e "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ] || python -m nanochat.report reset
 
 # Shards: d12 trains on 1.32B tokens ~ 6.3B chars ~ 25 shards of text, ~34 read with the best-fit crop: 40.
 # (DEPTH=16: 2.8B tokens, ~75 shards read: NUM_SHARDS=80.)
 python -m nanochat.dataset -n 8 --source climbmix
 python -m nanochat.dataset -n "${NUM_SHARDS:-40}" --source climbmix &
 DATASET_DOWNLOAD_PID=$!
-[ $RERUN = 1 ] || python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
-[ $RERUN = 1 ] || python -m scripts.tok_eval
+skip_or_resume tok - python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
+skip_or_resume --evaluates tok - python -m scripts.tok_eval
 wait $DATASET_DOWNLOAD_PID
 
 # One process, no torchrun (SFT inherits the rows and the batch). bf16 (no --fp8: at d12's width it gains little, and cards before Ada have no fp8).
 # A checkpoint every 500 steps (~3 GB, seconds to write): at most ~10 minutes lost on an H100, ~45 on a 4090.
-stage base d$DEPTH python -m scripts.base_train --depth=$DEPTH --device-batch-size=$ROWS --save-every=500 --keep-last=2 \
+skip_or_resume base d$DEPTH python -m scripts.base_train --depth=$DEPTH --device-batch-size=$ROWS --save-every=500 --keep-last=2 \
     --device-type=cuda --run=$WANDB_RUN
-python -m scripts.base_loss --device-batch-size=$ROWS --device-type=cuda
-python -m scripts.base_eval --device-type=cuda
+skip_or_resume --evaluates base d$DEPTH python -m scripts.base_loss -g d$DEPTH --device-batch-size=$ROWS --device-type=cuda
+skip_or_resume --evaluates base d$DEPTH python -m scripts.base_eval -g d$DEPTH --device-type=cuda
 
 python -c "from tasks.customjson import IDENTITY_URL, default_identity_path
 from nanochat.datasource import download_once; download_once(IDENTITY_URL, default_identity_path())"
-stage sft d$DEPTH python -m scripts.chat_sft --save-every=200 --keep-last=2 \
+skip_or_resume sft d$DEPTH python -m scripts.chat_sft --save-every=200 --keep-last=2 \
     --device-type=cuda --run=$WANDB_RUN
-python -m scripts.chat_eval -i sft --device-type=cuda
+skip_or_resume --evaluates sft d$DEPTH python -m scripts.chat_eval -i sft -g d$DEPTH --device-type=cuda
 python -m nanochat.report generate

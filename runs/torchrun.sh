@@ -12,8 +12,12 @@ else
              "(the address of node 0; got '${MASTER_ADDR:-}'), e.g. NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash $0" >&2
         exit 1
     fi
-    # Each node prepares its own shards and tokenizer before the first launch: the rendezvous waits up to
-    # 30 minutes (torchrun's default is 10) for the slowest node to arrive.
+    # The base dir must be one directory shared by every node (base_train checks it at start). Node 0 alone
+    # downloads the shards and trains the tokenizer there (main_node below) before its first launch, so the
+    # rendezvous waits up to 30 minutes (torchrun's default is 10) for it to arrive.
     TORCHRUN="torchrun --nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
 --master_port=${MASTER_PORT:-29500} --rdzv_conf=timeout=1800 --nproc_per_node=$NPROC"
 fi
+
+# The steps that run once per run, not once per node (downloads, the tokenizer, the report): node 0's.
+main_node() { [ "${NODE_RANK:-0}" = 0 ]; }

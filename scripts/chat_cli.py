@@ -18,7 +18,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import UserError, compute_init
 from nanochat.engine import Engine, StreamDecoder, reply_parts
 from nanochat.serving import fit_conversation
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 
 
 def stream_reply(engine, tokens, temperature, top_k):

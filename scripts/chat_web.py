@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from nanochat.common import compute_init
 from nanochat.engine import Engine, reply_parts
 from nanochat.serving import BatchScheduler, GuardedH11Protocol, fit_conversation, generation_events
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 
 logger = logging.getLogger("nanochat")
 

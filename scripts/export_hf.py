@@ -31,7 +31,7 @@ import nanochat
 from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import UserError, compute_init
 from nanochat.gpt import LOGIT_SOFTCAP, SMEAR_CHANNELS
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 from nanochat.tokenizer import CONTROL_TOKENS, SPLIT_PATTERN
 
 HF_CODE_DIR = os.path.join(os.path.dirname(nanochat.__file__), "hf")  # the package data copied into the export

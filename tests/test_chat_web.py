@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, reply_parts
-from helpers import MESSAGES, ScriptedModel, make_gpt, scripted_server_app, serve
+from helpers import MESSAGES, ScriptedModel, make_gpt, scripted_server_app, serve, tiny_config
 from scripts.chat_web import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOTAL_CHARS,
                               create_app, render_prompt)
 
@@ -17,9 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def gpt(tiny_tokenizer):
-    from nanochat.gpt import GPTConfig, build_gpt
-    config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
-                       n_kv_head=2, n_embd=64, window_pattern="L")
+    from nanochat.gpt import build_gpt
+    config = tiny_config(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size())
     model = build_gpt(config, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():

@@ -15,7 +15,8 @@ import torch
 from conftest import REPO_ROOT, pretrain_texts
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import UserError
-from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.gpt import build_gpt
+from helpers import tiny_config
 from scripts import export_hf
 
 transformers = pytest.importorskip("transformers", reason="the export needs the [hf] extra: pip install -e '.[hf]'")
@@ -30,8 +31,8 @@ def random_model(vocab_size, january=False):
     """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short (16) and a long (64) window, every 2026
     architecture field off its January value (smear and backout on; january=True: the config of a checkpoint that
     predates them), and every parameter moved off its init (zero projections, gates, lambdas would hide mistakes)."""
-    config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SL", **({} if january else RECIPE_2026))
+    config = tiny_config(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, window_pattern="SL",
+                         **({} if january else RECIPE_2026))
     torch.manual_seed(0)
     model = build_gpt(config, "cpu")
     with torch.no_grad():
@@ -91,6 +92,7 @@ def test_logits_match(exported):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_cached_chunks_match_one_pass(exported):
     """Prefill in two chunks, then single tokens, through the cache (windows, positions, smear's carried
     embedding at each chunk's first token) gives the logits of one pass over the whole sequence."""
@@ -106,6 +108,7 @@ def test_cached_chunks_match_one_pass(exported):
     assert (full - torch.cat(chunks, dim=1)).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches(exported):
     """32 greedy tokens after a 40-token prompt (past every window and past sequence_len) with transformers'
     generate and its KV cache, for two rows at once, equal our naive generation token for token."""
@@ -214,6 +217,7 @@ def test_positions_come_from_the_mask_only(exported):
         hf_model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.arange(3)[None])
 
 
+@pytest.mark.slow
 def test_beam_search_cache_follows_the_beams(exported):
     """Beam search reorders the cache rows (and smear's carried embedding) as beams swap: each returned beam's
     score must be the sum of its tokens' log-probabilities under one uncached forward pass."""
@@ -335,6 +339,7 @@ def run_export(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
     """A checkpoint whose saved config predates the 2026 fields exports with their January values."""
     model = random_model(tiny_tokenizer.get_vocab_size(), january=True)
@@ -352,6 +357,7 @@ def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
         assert (model(ids) - hf_model(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_cli_refuses_unknown_config_field_in_one_line(tiny_tokenizer, base_dir, tmp_path):
     model = random_model(tiny_tokenizer.get_vocab_size())
     save_base_checkpoint(base_dir, model, tiny_tokenizer, {**dataclasses.asdict(model.config), "mystery_gate": True})
