@@ -35,7 +35,7 @@ for i, tag in enumerate(args.tags):
     if os.path.exists(core_csv):
         with open(core_csv) as f:
             core = list(csv.reader(f))[-1][2]  # the last row holds the CORE metric
-    tokens = meta["user_config"]["total_batch_size"] * step
+    tokens = meta["resolved"]["total_batch_size"] * step  # (the flag may be -1: automatic)
     rows.append({"flops_budget": args.flops[i] if args.flops else "", "tag": tag,
                  "depth": meta["model_config"]["n_layer"], "params_total": counts["total"],
                  "params_scaling": counts["transformer_matrices"] + counts["lm_head"], "tokens": tokens,

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import TEMP_FILE_RE, complete_steps, meta_path, model_path, optim_path
+from nanochat.checkpoint_manager import complete_steps, meta_path, model_path, optim_path
+from nanochat.common import TEMP_FILE_RE
 
 parser = argparse.ArgumentParser(description="Kill base_train during checkpoint saves, resume, compare")
 parser.add_argument("--kills", type=int, default=12)

@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
-# The whole GPU verification in one call, < 9 minutes on one H200, ending with a JSON summary (dev/gpu_check.py
-# says what it checks). It runs on the machine's own python3 and CUDA torch, with no network: what that image
-# lacks comes as wheels, and the sample data as a slice, in the git-ignored .whl/ folder that
+# The GPU verification (dev/gpu_check.py says what each part checks, and its time budget on one H100). It runs
+# on the machine's own python (3.10-3.13) and CUDA torch, with no network: what that machine lacks (the rustbpe
+# wheel for each of those Pythons, a trained tokenizer) comes in the git-ignored .whl/ folder that
 # dev/gpu_check_prepare.sh fills beforehand on a machine with network access.
-#   bash dev/gpu_check_prepare.sh                 # here, once
-#   bash dev/gpu_check.sh [--json PATH]           # on the GPU machine, with .whl/ carried along
-#   bash dev/gpu_check.sh --cpu-dry-run           # the same Python parts on a CPU at tiny sizes (the test suite runs it)
+#   bash dev/gpu_check_prepare.sh                                     # here, once
+#   bash dev/gpu_check.sh --json out.jsonl --log out.log --time-limit 450    # on the GPU machine, .whl/ carried along
+#   bash dev/gpu_check.sh --only train_L,train_d12,tests,optimizer    # the parts outside the default set
+#   bash dev/gpu_check.sh --cpu-dry-run                               # every part on a CPU at tiny sizes (the tests run it)
+# PYTHON=... names the interpreter (default: python3 on the GPU machine, .venv/bin/python for a dry run here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = "--cpu-dry-run" ]; then
-    PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+if [[ " $* " == *" --cpu-dry-run "* ]] && [ -x .venv/bin/python ]; then
+    PY="${PYTHON:-.venv/bin/python}"
 else
-    PY=python3
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site .whl/*.whl
-        export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
+    PY="${PYTHON:-python3}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" -m dev.gpu_check "$@"

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import optim_path
+from nanochat.common import is_distributed
 from nanochat.dataloader import BestFitPacker
 
 IGNORE_INDEX = -1  # target of a position that is not trained (the model's cross entropy skips it)
@@ -112,7 +113,7 @@ def loss_normaliser(step_targets):
     """
     count = sum((targets != IGNORE_INDEX).sum() for targets in step_targets).to(torch.float32)
     world_size = 1
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
         world_size = dist.get_world_size()
     return count.clamp(min=1) / world_size

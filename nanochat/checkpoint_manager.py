@@ -4,31 +4,28 @@ Checkpoints: save them atomically, find the latest complete one, rebuild model +
 One checkpoint of step N in a directory (base_dir/<stage>_checkpoints/<model_tag>/):
   model_{N:06d}.pt            the model state dict (rank 0)
   optim_{N:06d}_rank{r}.pt    each rank's optimizer shard (optional; needed only to resume training)
-  meta_{N:06d}.json           model config + training state (rank 0), written LAST
-Every file is written to a hidden temp name in the same directory, fsynced, then renamed into place, so
-a file under its final name is always whole. Because meta is written last (after every rank's optimizer
-shard), a checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at
-most an incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp
-files of a killed save are removed by the next save or load in that directory.
-Training stages resume from their own checkpoints (resume_training), and a run script re-run after a
-crash skips the stages that finished and resumes the interrupted one:
-  python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...
+  meta_{N:06d}.json           model config + training state (rank 0; nanochat/run.py's RunState), written LAST
+Every file is written whole or not at all (common.atomic_write: a temp name, fsync, rename), so a file under
+its final name is always whole. Because meta is written last (after every rank's optimizer shard), a
+checkpoint counts as complete exactly when its meta file exists; a crash mid-save leaves at most an
+incomplete newest step (ignored by find_last_step) and never touches earlier steps. The temp files of a
+killed save are removed by the next save or load in that directory.
+(Resuming a run: nanochat/run.py; re-running a pipeline stage by stage: nanochat/pipeline.py.)
 """
 
-import argparse
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
+import math
 import os
 import re
-import socket
-import tempfile
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir, print0, UserError
+from nanochat.common import get_base_dir, UserError, atomic_write, remove_temp_files as remove_stale_temp_files
 
 logger = logging.getLogger("nanochat")
 
@@ -38,8 +35,6 @@ STAGE_SCRIPTS = {"base": "scripts.base_train", "sft": "scripts.chat_sft", "rl": 
 
 MODEL_FILE_RE = re.compile(r"^model_(\d{6,})\.pt$")
 STEP_FILE_RE = re.compile(r"^(?:model_(\d{6,})\.pt|meta_(\d{6,})\.json|optim_(\d{6,})_rank\d+\.pt)$")
-# .model_000100.pt.<host>-<pid>.<random>.tmp: the writer's host and pid tell a dead save's leftovers apart
-TEMP_FILE_RE = re.compile(r"^\.(?:model|optim|meta)_.*\.(?P<host>\w+)-(?P<pid>\d+)\.\w+\.tmp$")
 
 
 def model_path(checkpoint_dir, step):
@@ -54,117 +49,132 @@ def optim_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
 
 
-def _fsync_dir(path):
-    """Make a rename durable: the directory entry itself must reach the disk (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _host():
-    return re.sub(r"\W", "_", socket.gethostname())
-
-
-def atomic_write(path, write_fn):
-    """
-    Call write_fn(binary_file) on a temp file next to `path`, fsync it, then rename it over `path`.
-    The temp name starts with '.' and ends with '.tmp' so no checkpoint glob ever matches it, and names
-    this process (host, pid) so that remove_stale_temp_files can tell whether its writer is gone.
-    """
-    directory = os.path.dirname(path) or "."
-    prefix = f".{os.path.basename(path)}.{_host()}-{os.getpid()}."
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(directory)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
-def remove_stale_temp_files(checkpoint_dir):
-    """
-    Delete the temp files that killed saves left in checkpoint_dir (a big model leaves one as big as
-    itself per kill). Only files whose writer is gone: written on this host by a process that no longer
-    exists. A live process's file (another rank saving right now) and files from other hosts (nodes
-    sharing the disk) are left alone.
-    """
-    if not os.path.isdir(checkpoint_dir):
-        return
-    host = _host()
-    for name in os.listdir(checkpoint_dir):
-        match = TEMP_FILE_RE.match(name)
-        if match and match["host"] == host and not _process_alive(int(match["pid"])):
-            try:
-                os.remove(os.path.join(checkpoint_dir, name))
-                logger.info(f"Removed {name}, left in {checkpoint_dir} by an interrupted save")
-            except OSError:
-                pass  # another rank removed it first, or the directory is read-only: nothing to do
-
-
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """
     Rank 0 writes model + meta, every rank writes its optimizer shard (when optimizer_data is not None;
-    under torchrun every rank must then call this: meta waits for all shards).
+    under torchrun every rank must then call this: meta waits for all shards). Each file is hashed
+    (sha256) on its way to disk and meta records every file's hash, so a load can tell a damaged file.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
     remove_stale_temp_files(checkpoint_dir)
     if rank == 0 and os.path.exists(meta_path(checkpoint_dir, step)):
         # Re-saving a step: mark it incomplete first so a crash halfway never pairs old meta with new weights.
         os.remove(meta_path(checkpoint_dir, step))
+    checksums = {}
     if rank == 0:
         # Weights go to disk in fp32 whatever the run's compute dtype, so a checkpoint loads the same everywhere.
         model_data = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in model_data.items()}
-        atomic_write(model_path(checkpoint_dir, step), lambda f: torch.save(model_data, f))
+        checksums.update(_save_hashed(model_path(checkpoint_dir, step), model_data))
     if optimizer_data is not None:
-        atomic_write(optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f))
+        checksums.update(_save_hashed(optim_path(checkpoint_dir, step, rank), optimizer_data))
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every shard is on disk before meta declares the step complete
+            # Every shard is on disk before meta declares the step complete, and rank 0 gets every shard's hash.
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, checksums)
+            checksums = {name: digest for rank_checksums in per_rank for name, digest in rank_checksums.items()}
     if rank == 0:
-        payload = json.dumps(meta_data, indent=2).encode("utf-8")
+        payload = json.dumps({**meta_data, CHECKSUMS_KEY: checksums}, indent=2).encode("utf-8")
         atomic_write(meta_path(checkpoint_dir, step), lambda f: f.write(payload))
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_data, optimizer_data or None, meta_data). A damaged file is a UserError naming it."""
+    """
+    -> (model_data, optimizer_data or None, meta_data). A damaged file is a UserError naming it. Resuming
+    (load_optimizer) checks the files against the sha256 hashes meta recorded; see must_verify.
+    """
+    return _load_checkpoint(checkpoint_dir, step, device, load_optimizer, rank, verify=load_optimizer)
+
+
+# Checking a file's sha256 reads it once more: at d20 that about doubles a load (dev/LOG.md, checkpoint checksums).
+# Worth it where training continues from the checkpoint for hours; for evaluation and chat, opt in with
+# NANOCHAT_VERIFY_CHECKPOINTS=1. Checkpoints saved before meta recorded hashes load unchecked.
+VERIFY_ENV = "NANOCHAT_VERIFY_CHECKPOINTS"
+
+
+def must_verify(training):
+    """Whether a load checks the files' hashes: always when training continues from it, else when VERIFY_ENV=1."""
+    value = os.environ.get(VERIFY_ENV, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{VERIFY_ENV}={value!r} is not understood: set it to 1 to check every checkpoint load "
+                        f"against its sha256 hashes, or to 0 (or unset it) to check only loads that continue training")
+    return training or value == "1"
+
+
+def _load_checkpoint(checkpoint_dir, step, device, load_optimizer, rank, verify):
     remove_stale_temp_files(checkpoint_dir)
-    if not os.path.exists(meta_path(checkpoint_dir, step)):
+    path = meta_path(checkpoint_dir, step)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint step {step} in {checkpoint_dir} is missing or incomplete "
-                                f"(no {os.path.basename(meta_path(checkpoint_dir, step))}); pick another --step")
-    meta_data = _read_file(meta_path(checkpoint_dir, step), step, _read_json)
-    if not isinstance(meta_data, dict) or "model_config" not in meta_data:
-        raise _damaged(meta_path(checkpoint_dir, step), step, "has no model_config")
-    model_data = _read_file(model_path(checkpoint_dir, step), step, lambda path: torch.load(path, map_location=device))
+                                f"(no {os.path.basename(path)}); pick another --step")
+    meta_data = _read_file(path, step, _read_json)
+    if not isinstance(meta_data, dict) or not isinstance(meta_data.get("model_config"), dict):
+        raise _damaged(path, step, "has no model_config")
+    checksums = meta_data.pop(CHECKSUMS_KEY, None)  # the caller gets back the meta it saved
+    if checksums is not None and not isinstance(checksums, dict):
+        raise _damaged(path, step, f"has a {CHECKSUMS_KEY!r} entry that is not a dict of file hashes")
+    checksums = checksums if must_verify(verify) else None
+    model_data = _read_file(model_path(checkpoint_dir, step), step, lambda path: torch.load(path, map_location=device),
+                            checksums)
     optimizer_data = None
     if load_optimizer:
         path = optim_path(checkpoint_dir, step, rank)
         if not os.path.exists(path):
             raise FileNotFoundError(f"No optimizer state for rank {rank} at {path}: resume needs the checkpoint of a "
                                     f"run with the same number of processes (or train without --resume-from-step)")
-        optimizer_data = _read_file(path, step, lambda path: torch.load(path, map_location=device))
+        optimizer_data = _read_file(path, step, lambda path: torch.load(path, map_location=device), checksums)
     return model_data, optimizer_data, meta_data
+
+
+# meta's entry {file name: sha256 hex digest} for the step's model and optimizer files (`sha256sum FILE` agrees).
+CHECKSUMS_KEY = "sha256"
+
+
+class _HashingWriter:
+    """A binary file to write through: every byte written also goes into a sha256, so hashing needs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):  # everything else (flush, fileno, tell) is the file's own
+        return getattr(self.f, name)
+
+
+def _save_hashed(path, data):
+    """torch.save data to path (atomically) -> {file name: sha256 of the bytes written}."""
+    writers = []
+
+    def write(f):
+        writers.append(_HashingWriter(f))
+        torch.save(data, writers[-1])
+
+    atomic_write(path, write)
+    return {os.path.basename(path): writers[-1].sha256.hexdigest()}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()  # (hashlib.file_digest needs Python 3.11)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_config_value(key, value, kind):
+    """ValueError unless value is a kind (int, float, str, bool) that a model config can hold."""
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        expected = "a positive number"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "short_window" else 1)
+        expected = "a non-negative int" if key == "short_window" else "a positive int"
+    else:
+        ok, expected = isinstance(value, kind), f"a {kind.__name__}"
+    if not ok:
+        raise ValueError(f"model_config.{key} is {value!r}, not {expected}")
 
 
 def _read_json(path):
@@ -172,16 +182,27 @@ def _read_json(path):
         return json.load(f)
 
 
-def _read_file(path, step, read):
-    """read(path), or a UserError naming the file when it is empty or cannot be parsed."""
+def _read_file(path, step, read, checksums=None):
+    """
+    read(path), or a UserError naming the file when it is empty, cannot be parsed, or (given checksums, meta's
+    {file name: sha256}) its bytes are not the ones that were saved.
+    """
     if os.path.getsize(path) == 0:
         raise _damaged(path, step, "is empty (0 bytes)")
+    if checksums is not None:
+        name = os.path.basename(path)
+        if name not in checksums:
+            raise _damaged(path, step, f"has no sha256 in {os.path.basename(meta_path(os.path.dirname(path), step))}: "
+                                       f"it was not saved with this step")
+        if file_sha256(path) != checksums[name]:
+            raise _damaged(path, step, "does not have the sha256 its meta recorded (its bytes changed after the save)")
     try:
         return read(path)
     except (MemoryError, torch.OutOfMemoryError):
         raise  # the device is full, the file may be fine
     except Exception as e:  # torch.load alone raises EOFError, OSError, KeyError, UnpicklingError... on bad bytes
-        raise _damaged(path, step, f"cannot be read ({type(e).__name__}: {e})") from e
+        first_sentence = str(e).strip().split("\n")[0].split(". ")[0]  # torch's hints run to 20 lines of advice
+        raise _damaged(path, step, f"cannot be read ({type(e).__name__}: {first_sentence})") from e
 
 
 def _damaged(path, step, problem):
@@ -190,48 +211,6 @@ def _damaged(path, step, problem):
     return UserError(f"Checkpoint file {path} {problem}, so step {step} cannot be loaded. Pick another step "
                      f"(complete: {', '.join(map(str, others)) or 'none'}), or delete step {step}'s files "
                      f"(*_{step:06d}*) from {checkpoint_dir}")
-
-
-def check_resume_step(resume_step, num_iterations):
-    """
-    Every stage that resumes calls this once its horizon is known: the loop runs from the resumed step
-    up to num_iterations, so a step at or past the end would never reach its last step.
-    """
-    if not 0 <= resume_step < num_iterations:
-        raise UserError(f"Cannot resume from step {resume_step}: this run ends at step {num_iterations}. Resume "
-                        f"from an earlier step, or train for more steps (--num-iterations > {resume_step})")
-
-
-def resume_training(checkpoint_dir, step, model, optimizer, device, rank=0, scaler=None):
-    """
-    Continue a run from a checkpoint its --save-every wrote: load the weights into the freshly built
-    model, this rank's optimizer shard into its optimizer and fp16's loss scale into the scaler -> the step's
-    meta (loop and data state).
-    """
-    print0(f"Resuming from step {step} of {checkpoint_dir}")
-    model_data, optimizer_data, meta_data = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-    saved_world_size, world_size = optimizer_data.get("world_size", 1), _world_size()
-    if saved_world_size != world_size:
-        raise UserError(f"Step {step} in {checkpoint_dir} was saved by {saved_world_size} process(es) and this run has "
-                        f"{world_size}: each holds only its shard of the optimizer, so resume with {saved_world_size}")
-    model.load_state_dict(model_data, strict=True)  # (copied into the model's dtypes: fp32 file, bf16 embeddings)
-    optimizer.load_state_dict(optimizer_data)
-    if scaler is not None:
-        scaler.scale, scaler.clean_steps = meta_data["loss_scale"]
-    return meta_data
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_from_ranks(value):
-    """-> [rank 0's value, rank 1's, ...] on every rank: per-rank state (a data position) for meta, which rank 0 writes."""
-    if _world_size() == 1:
-        return [value]
-    values = [None] * _world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 def prune_checkpoints(checkpoint_dir, keep_last, keep_steps=()):
@@ -262,16 +241,27 @@ def prune_checkpoints(checkpoint_dir, keep_last, keep_steps=()):
 
 # Config keys that older checkpoints lack, with the value that reproduces how those models were trained.
 LEGACY_CONFIG_DEFAULTS = {"window_pattern": "L"}  # before sliding windows every layer attended fully
+# Keys every checkpoint ever had: one missing is damage, never a default (a model trained at sequence_len 256
+# rebuilt at GPTConfig's 2048 would run, and talk nonsense past its training length).
+REQUIRED_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_embd")
 
 
 def patch_model_config(config_kwargs, config_cls):
-    """Fill keys missing from an older meta["model_config"] with neutral values; drop unknown keys."""
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    """
+    Fill keys missing from an older meta["model_config"] with neutral values; drop unknown keys. ValueError
+    naming the key when a key every checkpoint has is missing, or a value has the wrong type or range.
+    """
+    known = {f.name: f.type for f in dataclasses.fields(config_cls)}
     config_kwargs = dict(config_kwargs)
-    for key in sorted(set(config_kwargs) - known):
+    for key in sorted(set(config_kwargs) - set(known)):
         logger.warning(f"Checkpoint config key {key!r} is unknown to GPTConfig; ignoring it")
         del config_kwargs[key]
-    if "n_kv_head" not in config_kwargs and "n_head" in config_kwargs:
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config_kwargs]
+    if missing:
+        raise ValueError(f"model_config lacks {', '.join(missing)}")
+    for key, value in config_kwargs.items():
+        _check_config_value(key, value, known[key])
+    if "n_kv_head" not in config_kwargs:
         logger.warning("Older checkpoint: model_config lacks n_kv_head; using n_kv_head = n_head (no GQA)")
         config_kwargs["n_kv_head"] = config_kwargs["n_head"]
     for key, value in LEGACY_CONFIG_DEFAULTS.items():
@@ -307,18 +297,33 @@ def patch_state_dict(model_data, expected):
 
 def build_model(checkpoint_dir, step, device, phase):
     """-> (model, tokenizer, meta_data) with the model in train or eval mode on `device`."""
-    from nanochat.gpt import GPTConfig, build_gpt
+    from nanochat.gpt import GPTConfig, build_gpt, check_config, compute_window_sizes
     from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
-    model_data, _, meta_data = load_checkpoint(checkpoint_dir, step, device)
+    # Training from it (a stage starting from the previous one's checkpoint) checks its hashes, as resuming does.
+    model_data, _, meta_data = _load_checkpoint(checkpoint_dir, step, device, False, 0, verify=phase == "train")
+    try:
+        config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
+        check_config(config)
+        compute_window_sizes(config)
+    except ValueError as e:
+        raise _damaged(meta_path(checkpoint_dir, step), step, f"is unusable ({e})") from e
+    model = build_gpt(config, device)  # init_weights fills the non-persistent buffers (rotary tables)
     # torch.compile'd models save their keys under _orig_mod.
     model_data = {k.removeprefix("_orig_mod."): v for k, v in model_data.items()}
-    config = GPTConfig(**patch_model_config(meta_data["model_config"], GPTConfig))
-    model = build_gpt(config, device)  # init_weights fills the non-persistent buffers (rotary tables)
-    model_data = patch_state_dict(model_data, model.state_dict())
-    model.load_state_dict(model_data, strict=True)  # copied into the model's dtypes (embeddings: the compute dtype)
+    try:
+        model_data = patch_state_dict(model_data, model.state_dict())
+        model.load_state_dict(model_data, strict=True)  # copied into the model's dtypes (embeddings: the compute dtype)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, the files may be fine
+    except (KeyError, RuntimeError) as e:
+        lines = str(e).strip("'\" \n").splitlines()
+        # torch says "Error(s) in loading state_dict for GPT:", then one line per tensor: name the first
+        detail = lines[min(1, len(lines) - 1)].strip()
+        raise _damaged(model_path(checkpoint_dir, step), step, f"does not fit the model_config of "
+                       f"{os.path.basename(meta_path(checkpoint_dir, step))} ({detail})") from e
     if phase == "train":
         model.train()
     else:
@@ -326,9 +331,9 @@ def build_model(checkpoint_dir, step, device, phase):
 
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"The tokenizer in {os.path.join(get_base_dir(), 'tokenizer')} has {tokenizer.get_vocab_size()} "
-                         f"tokens but the checkpoint in {checkpoint_dir} was trained with vocab_size {config.vocab_size}: "
-                         f"use the tokenizer of that run (same NANOCHAT_BASE_DIR) or retrain the model")
+        raise UserError(f"The tokenizer in {os.path.join(get_base_dir(), 'tokenizer')} has {tokenizer.get_vocab_size()} "
+                        f"tokens but the checkpoint in {checkpoint_dir} was trained with vocab_size {config.vocab_size}: "
+                        f"use the tokenizer of that run (same NANOCHAT_BASE_DIR) or retrain the model")
     return model, tokenizer, meta_data
 
 
@@ -403,58 +408,3 @@ def load_model(source, device, phase, model_tag=None, step=None):
     """source: base|sft|rl -> (model, tokenizer, meta_data) from base_dir/<stage>_checkpoints. To know which tag
     and step the defaults picked, call find_checkpoint first and pass them here."""
     return load_model_from_dir(stage_checkpoints_dir(source), device, phase, model_tag, step)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Re-running a pipeline after a crash: each training stage skips when it finished and resumes when it
-# was interrupted, so a run script can simply be started again.
-
-def stage_progress(checkpoint_dir):
-    """
-    -> ("finished", step) when the newest complete checkpoint is the last step of its run (meta "finished"),
-    ("interrupted", step) when it is one that --save-every wrote (the run resumes from it), ("fresh", None)
-    when there is none.
-    """
-    steps = complete_steps(checkpoint_dir)
-    if not steps:
-        return "fresh", None
-    step = steps[-1]
-    if _read_file(meta_path(checkpoint_dir, step), step, _read_json).get("finished"):
-        return "finished", step
-    if not os.path.exists(optim_path(checkpoint_dir, step, 0)):
-        raise UserError(f"Step {step} in {checkpoint_dir} is neither the end of a run nor resumable (it has no optimizer "
-                        f"state): delete {checkpoint_dir} to train that stage again")
-    return "interrupted", step
-
-
-def run_stage(argv=None):
-    """
-    python -m nanochat.checkpoint_manager STAGE MODEL_TAG COMMAND...  runs COMMAND, the training of one stage,
-    unless that stage already finished; when it was interrupted, COMMAND gets --resume-from-step=<its last step>.
-    """
-    parser = argparse.ArgumentParser(prog="python -m nanochat.checkpoint_manager", description=run_stage.__doc__)
-    parser.add_argument("stage", choices=sorted(STAGE_DIRS))
-    parser.add_argument("model_tag", help="the checkpoint directory of the stage, e.g. d20")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command that trains the stage")
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.error("give the command that trains the stage")
-    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.stage], args.model_tag)
-    try:
-        progress, step = stage_progress(checkpoint_dir)
-    except UserError as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
-    if progress == "finished":
-        print(f"{args.stage} {args.model_tag}: finished at step {step} in {checkpoint_dir}, skipping it", flush=True)
-        return
-    command = args.command + ([f"--resume-from-step={step}"] if progress == "interrupted" else [])
-    if progress == "interrupted":
-        print(f"{args.stage} {args.model_tag}: resuming from step {step} of {checkpoint_dir}", flush=True)
-    try:
-        os.execvp(command[0], command)
-    except OSError as e:
-        parser.exit(127, f"{parser.prog}: error: cannot run {command[0]}: {e.strerror}\n")
-
-
-if __name__ == "__main__":
-    run_stage()

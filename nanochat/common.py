@@ -1,16 +1,22 @@
 """
 Things every stage needs: the base dir, distributed/device init and teardown, user errors and flag
-checks, rank-0 printing, wandb stand-in, GPU peak FLOPs for MFU. Device and dtype decisions live here
-and nowhere else. (Where data comes from, and downloads: nanochat/datasource.py.)
+checks, rank-0 printing, wandb stand-in, GPU peak FLOPs for MFU, files written whole or not at all.
+Device and dtype decisions live here and nowhere else. (Where data comes from, and downloads:
+nanochat/datasource.py.)
 """
 
 import os
+import re
 import sys
 import atexit
+import contextlib
+import shutil
+import socket
 import argparse
 import functools
 import importlib
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +234,11 @@ def _report_user_errors(print_traceback):
 # all the work was done. So the group must be destroyed, and its threads joined, while the interpreter
 # is whole, on every way out: compute_cleanup() at the normal end, _leave_process_group at any other.
 
+def is_distributed():
+    """True in a process that joined a torchrun process group (compute_init does)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def _leave_process_group():
     """
     atexit of a distributed run. After a clean exit that skipped compute_cleanup (sys.exit, parser.error),
@@ -235,7 +246,7 @@ def _leave_process_group():
     tearing down could wait forever on a collective that the other ranks never join, and finalizing with
     the group alive aborts, which hides the real error. torchrun then stops the other ranks.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return
     if getattr(sys, "last_value", None) is not None:  # set when an uncaught exception was reported
         sys.stdout.flush()
@@ -246,7 +257,7 @@ def _leave_process_group():
 
 def compute_cleanup():
     """The normal end of a run: wait until every rank is done with its collectives, then leave the group."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
 
@@ -255,7 +266,7 @@ def all_reduce_sum(values, device):
     """Numbers (counts, sums) summed over all ranks -> a list of floats; float64 is exact for counts (MPS has no
     float64: float32 there, exact below 2**24)."""
     tensor = torch.tensor(values, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
 
@@ -298,12 +309,12 @@ _PEAK_FLOPS = [
 
 
 def get_peak_flops(device_name):
-    """bf16 dense peak FLOP/s for a GPU name; unknown -> inf (MFU then reads 0 rather than a wrong figure)."""
+    """bf16 dense peak FLOP/s for a GPU name; unknown -> inf (MFU is then not shown rather than wrong)."""
     words = set(device_name.upper().replace("-", " ").split())
     for name, flops in _PEAK_FLOPS:
         if set(name.upper().split()) <= words:
             return flops
-    logger.warning(f"Unknown peak FLOPs for device {device_name!r}: MFU will read 0")
+    logger.warning(f"Unknown peak FLOPs for device {device_name!r}: MFU is not shown")
     return float("inf")
 
 
@@ -320,7 +331,6 @@ def format_duration(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-
 def progress_bar(total, desc):
     """
     A tqdm bar (call .update(n), then .close()) for work that may take more than a few seconds, on rank 0 only.
@@ -330,3 +340,80 @@ def progress_bar(total, desc):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=int(os.environ.get("RANK", 0)) != 0,
                 mininterval=0.5 if sys.stderr.isatty() else 30)
+
+
+# -----------------------------------------------------------------------------
+# Files are written whole or not at all: to a hidden temp name beside the final one, then renamed over it.
+# The temp name says who writes it, so a later start can remove what a killed writer left (a big
+# checkpoint leaves a temp file as big as itself per kill; a download, a part of a shard).
+
+TEMP_FILE_RE = re.compile(r"^\..+\.(?P<host>\w+)-(?P<pid>\d+)\.\w+\.tmp$")
+
+
+def _host():
+    return re.sub(r"\W", "_", socket.gethostname())
+
+
+def temp_path(path):
+    """.<name>.<host>-<pid>.<thread>.tmp beside path: hidden, and no glob of final names (*.pt, *.parquet) matches it."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.{_host()}-{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
+
+
+def remove_temp_files(directory, stale_only=True):
+    """
+    Remove the temp files and folders (temp_path) in directory whose writer is gone: written on this host
+    by a process that no longer exists; with stale_only=False also this process's own (a write it gave up).
+    Another live process's (a rank saving right now) and other hosts' (nodes sharing the disk) stay.
+    """
+    if not os.path.isdir(directory):
+        return
+    host = _host()
+    for name in os.listdir(directory):
+        match = TEMP_FILE_RE.match(name)
+        if not match or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if (pid == os.getpid() and not stale_only) or (pid != os.getpid() and not _process_alive(pid)):
+            path = os.path.join(directory, name)
+            try:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                logger.info(f"Removed {name} from {directory}, left by an interrupted write")
+            except OSError:
+                pass  # another rank removed it first, or the directory is read-only: nothing to do
+
+
+def _fsync_dir(path):
+    """Make a rename durable: the directory entry itself must reach the disk (no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path, write_fn):
+    """Call write_fn(binary_file) on temp_path(path), fsync it, then rename it over path: path is whole or untouched."""
+    tmp_path = temp_path(path)
+    try:
+        with open(tmp_path, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")

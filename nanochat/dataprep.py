@@ -32,7 +32,8 @@ import zlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.datasource import DownloadError, download, remove_temp_files, temp_path
+from nanochat.common import remove_temp_files, temp_path
+from nanochat.datasource import DownloadError, download
 from nanochat.dataset import (DEFAULT_SHARD_SET, SHARD_RE, SHARD_SETS, check_shard, download_dir, find_shard_dir,
                               local_dir, loud, offline_corpus_dir, shard_name, shard_names)
 

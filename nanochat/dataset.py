@@ -23,7 +23,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import UserError, get_base_dir, print0
 from nanochat.datasource import find_data
 
 SHARD_RE = re.compile(r"shard_\d{5}\.parquet")  # fullmatch: temp files (".tmp" suffix) never match
@@ -137,16 +137,18 @@ def iter_row_groups(split, start=0, step=1, after=None):
     Yield (pq_idx, rg_idx, texts) for the row groups with global index start, start+step, ...
     The global index counts row groups across all files of the split, so ranks stay balanced even
     when files have fewer row groups than there are ranks. after=(pq_idx, rg_idx) skips every row
-    group up to and including that one (resuming).
+    group up to and including that one (resuming). A damaged shard is a UserError naming it.
     """
     global_idx = 0
     for pq_idx, path in enumerate(split_files(split)):
-        parquet_file = pq.ParquetFile(path)
+        try:
+            parquet_file = check_shard(path)
+        except ValueError as e:
+            raise damaged_shard(str(e)) from e
         for rg_idx in range(parquet_file.num_row_groups):
             mine = global_idx >= start and (global_idx - start) % step == 0
             if mine and (after is None or (pq_idx, rg_idx) > tuple(after)):
-                table = parquet_file.read_row_group(rg_idx, columns=["text"])
-                yield pq_idx, rg_idx, table.column("text").to_pylist()
+                yield pq_idx, rg_idx, read_texts(parquet_file, rg_idx, path)
             global_idx += 1
 
 
@@ -157,14 +159,40 @@ def parquets_iter_batched(split, start=0, step=1):
 
 
 def check_shard(path):
-    """Raise ValueError unless path is a readable parquet file with a string column 'text'."""
+    """-> pq.ParquetFile(path), or ValueError saying what is wrong: it must be parquet with a string column 'text'."""
     try:
-        schema = pq.read_schema(path)
+        parquet_file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path} is not a readable parquet file ({e})") from e
+        raise ValueError(f"{path} is not a readable parquet file ({first_sentence(e)})") from e
+    schema = parquet_file.schema_arrow
     text_type = schema.field("text").type if "text" in schema.names else None
     if text_type is None or not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise ValueError(f"{path} has no string column 'text' (schema: {schema}); shards need one document per row in 'text'")
+        columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
+        raise ValueError(f"{path} has no string column 'text' (columns: {columns}); shards need one document per "
+                         f"row in 'text'")
+    return parquet_file
+
+
+def read_texts(parquet_file, rg_idx, path):
+    """The documents of one row group of an open shard; a UserError naming the shard when its bytes are damaged."""
+    try:
+        column = parquet_file.read_row_group(rg_idx, columns=["text"]).column("text")
+        texts = column.to_pylist()
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # an overwritten page fails to decompress or decode
+        problem = f"{type(e).__name__}: {first_sentence(e)}"
+        raise damaged_shard(f"{path} row group {rg_idx} cannot be read ({problem})") from e
+    if column.null_count:
+        raise damaged_shard(f"{path} row group {rg_idx} has {column.null_count} null document(s) in 'text'")
+    return texts
+
+
+def damaged_shard(problem):
+    return UserError(f"Damaged shard: {problem}. Replace it: delete it and run `python -m nanochat.dataprep -n N` "
+                     f"again (downloads only missing shards), or rebuild the shards you made with --build-from")
+
+
+def first_sentence(error):
+    return str(error).strip().split("\n")[0].split(". ")[0]  # pyarrow adds "Either the file is corrupted or ..."
 
 
 if __name__ == "__main__":

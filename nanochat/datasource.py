@@ -5,37 +5,42 @@ A data tree is a folder laid out as pretrain/ (parquet shards), eval_bundle/, ch
 Every stage looks for what it needs in this order, and the first match wins:
   1. $NANOCHAT_DATA_DIR, a data tree, when the variable is set (e.g. a full local copy, offline);
   2. what the base dir already holds: earlier downloads, or files put there by hand;
-  3. the embedded sample, the data tree data/ shipped in the repo, only when NANOCHAT_DATA=embedded.
-     It is a few MB, enough for the CPU demo and the tests and far too small for a real model, so a
-     run takes it only when asked to (runs/runcpu.sh and the tests ask), never as a silent fallback;
+  3. the embedded sample, the data tree data/ shipped in the repo, only when NANOCHAT_DATA=embedded (or a
+     base dir that a run with it filled: see embedded_requested). It is a few MB, enough for the CPU demo
+     and the tests and far too small for a real model, so a run takes it only when asked to
+     (runs/runcpu.sh and the tests ask), never as a silent fallback;
   4. a download (shards, eval bundle, word list; the Hugging Face hub for chat tasks). With
      NANOCHAT_DATA=embedded nothing is downloaded.
 The first time a process takes data from a source it prints one line saying which ("Data: ...").
 
-Downloads stream to a temp file named after the process, are checked, then renamed: a file under its
-final name is complete. Temp files of processes that were killed are removed at the next start.
+Downloads stream to a temp file named after the process (common.temp_path), are checked, then renamed: a
+file under its final name is complete. Temp files of processes that were killed are removed at the next start.
 """
 
 import functools
 import http.client
 import os
-import re
-import shutil
 import threading
 import urllib.error
 import urllib.request
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import get_base_dir, print0, remove_temp_files, temp_path
 
 EMBEDDED_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+EMBEDDED_MARKER = "data_from_embedded_sample"  # in the base dir: see embedded_requested
 OFFLINE_HINT = ("Offline? Set NANOCHAT_DATA_DIR to a local data tree (pretrain/, eval_bundle/, chat/, words/), "
                 "or NANOCHAT_DATA=embedded for the small sample in the repo's data/ (CPU demo and tests only).")
-TEMP_RE = re.compile(r".+\.tmp(\d+)_\d+")  # temp_path(): <final name>.tmp<pid>_<thread id>
 
 
 def embedded_requested():
-    """True when this run asked for the embedded sample (NANOCHAT_DATA=embedded)."""
-    value = os.environ.get("NANOCHAT_DATA", "")
+    """
+    True when this run takes the embedded sample: NANOCHAT_DATA=embedded, or NANOCHAT_DATA unset and a base
+    dir that a run with NANOCHAT_DATA=embedded filled (remember_embedded_setting), so that a stage of the CPU
+    demo resumed by hand reads the data the demo read. NANOCHAT_DATA= (set, empty) never takes it.
+    """
+    value = os.environ.get("NANOCHAT_DATA")
+    if value is None:
+        return os.path.exists(os.path.join(get_base_dir(), EMBEDDED_MARKER))
     if value not in ("", "embedded"):
         raise ValueError(f"NANOCHAT_DATA={value!r} is not understood: set it to 'embedded' for the sample in "
                          f"{EMBEDDED_DATA_DIR}, or unset it")
@@ -62,8 +67,10 @@ def find_data(tree_path, base_names=(), present=os.path.exists):
     base_dir = get_base_dir()
     candidates += [(f"the base dir {base_dir}", os.path.join(base_dir, name)) for name in base_names]
     if embedded_requested():
-        candidates.append((f"the embedded sample in {EMBEDDED_DATA_DIR} (NANOCHAT_DATA=embedded; for the CPU demo "
-                           f"and tests only)", os.path.join(EMBEDDED_DATA_DIR, tree_path)))
+        why = "NANOCHAT_DATA=embedded" if os.environ.get("NANOCHAT_DATA") else \
+            f"{os.path.join(base_dir, EMBEDDED_MARKER)} says this base dir was filled from it"
+        candidates.append((f"the embedded sample in {EMBEDDED_DATA_DIR} ({why}; for the CPU demo and tests only; "
+                           f"NANOCHAT_DATA= to download instead)", os.path.join(EMBEDDED_DATA_DIR, tree_path)))
     for source, path in candidates:
         if present(path):
             announce(source)
@@ -71,46 +78,20 @@ def find_data(tree_path, base_names=(), present=os.path.exists):
     return None
 
 
+def remember_embedded_setting():
+    """
+    For the stage that starts filling a base dir (tok_train): under NANOCHAT_DATA=embedded, mark the base dir
+    (EMBEDDED_MARKER, an empty file) so that every later stage on it takes the embedded sample too.
+    """
+    if os.environ.get("NANOCHAT_DATA") == "embedded":
+        open(os.path.join(get_base_dir(), EMBEDDED_MARKER), "w").close()
+
+
 # -----------------------------------------------------------------------------
 # Downloading
 
 class DownloadError(RuntimeError):
     """A download failed for good; the message says which URL, why, and how to do without it."""
-
-
-def temp_path(path):
-    """A temp name beside path that names the writing process, so a later start can tell stale ones."""
-    return f"{path}.tmp{os.getpid()}_{threading.get_ident()}"
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_temp_files(directory, stale_only=True):
-    """
-    Remove the temp files (and folders) of temp_path() in directory: those whose process is gone,
-    i.e. was killed mid-transfer; with stale_only=False also this process's own.
-    """
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        match = TEMP_RE.fullmatch(name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if (pid == os.getpid() and not stale_only) or (pid != os.getpid() and not _process_alive(pid)):
-            path = os.path.join(directory, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
 
 
 def _fetch(url, tmp_path, timeout, abort):
@@ -167,8 +148,8 @@ def download_once(url, path, on_complete=None):
     if os.path.exists(path):
         return path
     if embedded_requested():
-        raise DownloadError(f"{path} is not there, and NANOCHAT_DATA=embedded downloads nothing: unset it to "
-                            f"download {url}")
+        raise DownloadError(f"{path} is not there, and the embedded sample (NANOCHAT_DATA=embedded) downloads nothing: "
+                            f"set NANOCHAT_DATA= (empty) to download {url}")
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             remove_temp_files(os.path.dirname(path))
@@ -181,7 +162,8 @@ def load_hub_dataset(path, name=None, split=None):
     """A Hugging Face hub dataset, for when there is no local copy. Fails with a message naming the offline fix."""
     if embedded_requested():
         raise RuntimeError(f"{path} (config {name}, split {split}) is not in the embedded sample, and "
-                           "NANOCHAT_DATA=embedded downloads nothing: unset it to use the Hugging Face hub")
+                           "the embedded sample (NANOCHAT_DATA=embedded) downloads nothing: set NANOCHAT_DATA= (empty) "
+                           "to use the Hugging Face hub")
     announce("the Hugging Face hub")
     try:
         from datasets import load_dataset  # imported here: only the hub path needs it, and it is slow to import

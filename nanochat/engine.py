@@ -43,6 +43,11 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         raise ValueError(f"top_p must be in [0, 1] or None, got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
+    # A tiny temperature must not give nan (inf - inf, or 0 / 0): the logits are scaled after subtracting their
+    # max, so the others go to -inf instead of the max to inf, and by no less than the dtype's smallest normal
+    # number (1e-300 is 0 in fp32). Such a temperature samples the most likely id, as it should.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     indices = None  # where the kept logits sit in the vocab, once they are a subset
     if top_k is not None and top_k < logits.size(-1):
         logits, indices = torch.topk(logits, top_k, dim=-1)

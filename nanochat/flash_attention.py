@@ -3,7 +3,8 @@ One front door for attention, with Flash Attention 3's API and its (B, T, H, D) 
 
 Backends, settled on first use (GPT.init_weights makes that happen eagerly) with one printed line:
   fa3   FA3 kernels on Hopper GPUs for bf16/fp16 inputs, loaded through the `kernels` package from the
-        Hugging Face hub (runs/setup.sh fetches them once; later loads come from the local cache).
+        Hugging Face hub: runs/setup.sh fetches them once, and every later load reads the local cache
+        without asking the hub (8 ranks x every launch of a run would otherwise each depend on a network call).
   flex  FlexAttention inside compiled CUDA code: block-sparse, so sliding-window layers skip the masked
         blocks and `window_pattern=SSSL` stays faster than `L` (SDPA would compute them all).
   sdpa  torch's scaled_dot_product_attention: CPU, MPS, eager CUDA calls (sampling, evaluation), fp32,
@@ -48,8 +49,7 @@ def _load_fa3():
         _fa3_status = "not a Hopper (sm90) GPU; the FA3 kernels are built for Hopper only"
     else:
         try:
-            from kernels import get_kernel
-            kernel = get_kernel(FA3_REPO, version=FA3_VERSION)
+            kernel = _get_fa3_kernel()
             _fa3_kernels = getattr(kernel, "flash_attn_interface", kernel)
             _fa3_status = "loaded"
         except Exception as e:  # noqa: BLE001 - any failure means "use a fallback", said loudly below
@@ -64,6 +64,31 @@ def _load_fa3():
         print0(f"Attention backend: flex in compiled code, sdpa elsewhere (FA3: {_fa3_status})")
     else:
         print0(f"Attention backend: sdpa (FA3: {_fa3_status})")
+
+
+def _get_fa3_kernel():
+    """
+    FA3 from the local Hugging Face cache if it is there, else from the hub. `kernels` reads the hub's offline
+    switch at each call, so flipping it for one call makes that call cache-only (HF_HUB_OFFLINE=1 in the
+    environment would do the same for the whole process, and would stop the chat stages' dataset downloads).
+    """
+    from huggingface_hub import constants
+    from kernels import get_kernel
+    if not constants.HF_HUB_OFFLINE:
+        constants.HF_HUB_OFFLINE = True
+        try:
+            return get_kernel(FA3_REPO, version=FA3_VERSION)
+        except Exception:  # noqa: BLE001 - not cached (first run, or another torch): ask the hub below
+            pass
+        finally:
+            constants.HF_HUB_OFFLINE = False
+    return get_kernel(FA3_REPO, version=FA3_VERSION)
+
+
+def fa3_status():
+    """Why FA3 does or does not serve attention here: 'loaded', or the reason (tries to load it first)."""
+    _fa3()
+    return _fa3_status
 
 
 def _fa3():

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import flash_attention
-from nanochat.common import get_compute_dtype
+from nanochat.common import get_compute_dtype, is_distributed
 from nanochat.flash_attention import flash_attn
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 
@@ -423,7 +423,7 @@ class GPT(nn.Module):
         for group in groups:
             group["initial_lr"] = group["lr"]
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed() and dist.get_world_size() > 1
         return DistMuonAdamW(groups) if distributed else MuonAdamW(groups)
 
     @torch.inference_mode()

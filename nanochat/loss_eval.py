@@ -11,7 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import progress_bar
+from nanochat.common import is_distributed, progress_bar
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         bar.update(1)
     bar.close()
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_bytes = total_bytes.item()

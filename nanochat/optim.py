@@ -17,7 +17,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, compute_choice
+from nanochat.common import UserError, compute_choice, is_distributed
 
 # Polar Express (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T. Each step's odd
 # polynomial is fit (minimax) to the singular-value range left by the previous one: the first ones
@@ -362,7 +362,7 @@ class GradScaler:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch._foreach_mul_(grads, 1.0 / self.scale)
         found_inf = torch.stack([g.isfinite().all() for g in grads]).logical_not().any().float()
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)  # one rank's overflow skips the step everywhere
         if found_inf.item():
             self.scale /= 2

@@ -1,5 +1,6 @@
 """
-Serving many users from one model: continuous batching, stop sequences, and a guarded HTTP protocol.
+Serving many users from one model: continuous batching, long conversations, stop sequences, and a
+guarded HTTP protocol.
 
 Continuous batching. A BatchScheduler owns a KV cache of max_batch rows (slots), each spanning the
 model's context. A submitted Generation waits until a slot is free, is prefilled alone (batch 1,
@@ -14,8 +15,12 @@ Each row samples with its own generator and runs its own calculator-tool state m
 request gets does not depend on its neighbours: at temperature 0, the tokens it would get served
 alone. (Up to float rounding: a matmul over 8 rows may round differently from one over 1 row, which
 could flip a near-tie between two tokens; the compiled step always has max_batch rows.)
+
+Also here: what a conversation that outgrew the model's context keeps (fit_conversation, for the web
+server and the terminal chat), and the text stream of one request, from asyncio (generation_events).
 """
 
+import asyncio
 import functools
 import logging
 import threading
@@ -24,7 +29,7 @@ from collections import deque
 import torch
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanochat.engine import RowState, sample_next_token
+from nanochat.engine import RowState, StreamDecoder, sample_next_token
 
 logger = logging.getLogger(__name__)
 
@@ -186,30 +191,132 @@ class BatchScheduler:
         return logits[:n]
 
 
+def fit_conversation(tokenizer, messages, context, max_tokens=None):
+    """
+    -> (prompt, kept): the token ids of the conversation primed for the assistant's reply, and the messages
+    they render. A conversation that outgrew the model's context loses its oldest exchanges (a user message
+    and the reply to it; never a leading system message, nor the last message), the fewest that leave the
+    reply room for max_tokens tokens, or for a quarter of the context if that is less (an answer has room,
+    and most of the context still holds the conversation). Raises ValueError for a conversation the chat
+    format cannot render, or whose last message alone (with the system message) leaves no room at all.
+    """
+    head = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(head):]
+    room = min(max_tokens or context, context // 4)
+
+    def render(num_dropped):  # whole exchanges, so the roles still alternate
+        kept = head + turns[2 * num_dropped:]
+        return tokenizer.render_for_completion({"messages": kept + [{"role": "assistant", "content": ""}]}), kept
+
+    prompt, kept = render(0)
+    if len(prompt) + room > context:
+        # binary search (a few renderings, whatever the length): dropping `low` exchanges leaves too little room
+        low, high = 0, (len(turns) - 1) // 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if len(render(middle)[0]) + room > context else (low, middle)
+        prompt, kept = render(high)
+    if len(prompt) >= context:
+        with_system = " with the system message" if head else ""
+        raise ValueError(f"the last message{with_system} is {len(prompt)} tokens but the model's context is {context} "
+                         "tokens; send a shorter message")
+    return prompt, kept
+
+
+def call_in_loop(loop, fn, *args):
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is closed: the server is shutting down
+        pass
+
+
+async def generation_events(scheduler, stats, prompt, sampling, stops=()):
+    """
+    Run one generation on a scheduler (from asyncio) and yield its events as they come: {"token": text}
+    (never splitting a character, never showing a stop sequence), then {"finish_reason",
+    "completion_tokens"}, or {"error": message}. Leaving early (the client went away) cancels it: its slot
+    is free at the next step. stats: the server's counters (requests_total, requests_active, requests_failed,
+    tokens_generated), kept up to date.
+    """
+    loop = asyncio.get_running_loop()
+    events = asyncio.Queue()
+    put = functools.partial(call_in_loop, loop, events.put_nowait)
+    generation = Generation(prompt, on_token=lambda token, forced: put(token), on_finish=put, **sampling)
+    engine = scheduler.engine
+    decoder, stop_text, num_tokens = StreamDecoder(engine.tokenizer), StopText(stops), 0
+    scheduler.submit(generation)
+    stats["requests_total"] += 1
+    stats["requests_active"] += 1
+    try:
+        while isinstance(item := await events.get(), int):  # tokens, until the finish reason
+            num_tokens += 1
+            if item not in engine.stop_tokens and (text := stop_text.push(decoder.push(item))):
+                yield {"token": text}
+            if stop_text.stopped:
+                break
+        if isinstance(item, str) and item.startswith("error"):
+            stats["requests_failed"] += 1
+            yield {"error": f"generation failed: {item.removeprefix('error: ')}"}
+            return
+        if not stop_text.stopped and (text := stop_text.push(decoder.flush()) + stop_text.flush()):
+            yield {"token": text}
+        yield {"finish_reason": "stop" if stop_text.stopped else item, "completion_tokens": num_tokens}
+    finally:
+        generation.cancel()
+        stats["requests_active"] -= 1
+        stats["tokens_generated"] += num_tokens
+
+
 class StopText:
     """
-    Cuts streamed text at the first of the stop sequences (OpenAI's `stop`): push() returns the text
-    that is safe to send now, holding back any end that could still become a stop sequence.
+    Cuts streamed text at the first stop sequence it completes (OpenAI's `stop`): push() returns the
+    text that is safe to send now, holding back the end that could still become a stop sequence.
+    Linear time: each stop sequence is followed by a Knuth-Morris-Pratt matcher that reads every
+    character once, so a piece costs its own length (times the number of stops) whatever came before,
+    and the text held back is shorter than the longest stop sequence.
     """
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]
+        self.fallbacks = [prefix_function(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # per stop: how many of its first characters the text ends with
         self.held = ""
         self.stopped = False
 
     def push(self, text):
-        text = self.held + text
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.held, self.stopped = "", True
-            return text[:min(cuts)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if not self.stops:
+            return text
+        text, start = self.held + text, len(self.held)
+        for end, char in enumerate(text[start:], start + 1):
+            completed = 0  # the longest stop sequence that ends here
+            for i, (stop, fallback) in enumerate(zip(self.stops, self.fallbacks)):
+                k = self.matched[i]
+                while k and stop[k] != char:
+                    k = fallback[k - 1]
+                self.matched[i] = k = k + (stop[k] == char)
+                if k == len(stop):
+                    completed = max(completed, k)
+            if completed:
+                self.held, self.stopped = "", True
+                return text[:end - completed]
+        keep = max(self.matched)
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep]
 
     def flush(self):
         text, self.held = self.held, ""
         return text
+
+
+def prefix_function(s):
+    """p[i]: the length of the longest proper prefix of s[:i+1] that is also its suffix (where KMP falls back to)."""
+    p = [0] * len(s)
+    for i in range(1, len(s)):
+        k = p[i - 1]
+        while k and s[i] != s[k]:
+            k = p[k - 1]
+        p[i] = k + (s[i] == s[k])
+    return p
 
 
 class GuardedH11Protocol(H11Protocol):

@@ -13,7 +13,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import UserError, get_base_dir
 
 # The GPT-4 split pattern except numbers are grouped \p{N}{1,2} instead of {1,3}: with a small
 # (32K) vocab, spending merges on all 1000 three-digit numbers measured worse than 1-2 digit groups.
@@ -66,8 +66,11 @@ class RustBPETokenizer:
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"No tokenizer at {path}: train one with `python -m scripts.tok_train`")
-        with open(path, "rb") as f:
-            enc = pickle.load(f)
+        enc = read_tokenizer_file(path, unpickle)
+        if not isinstance(enc, tiktoken.Encoding):
+            raise damaged_tokenizer_file(path, f"holds a {type(enc).__name__}, not a tiktoken.Encoding")
+        if "<|bos|>" not in enc.special_tokens_set:
+            raise damaged_tokenizer_file(path, "has no <|bos|> token: it is not a nanochat tokenizer")
         return cls(enc, "<|bos|>")
 
     @classmethod
@@ -264,4 +267,35 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No token bytes at {path}: train a tokenizer with `python -m scripts.tok_train`")
-    return torch.load(path, map_location=device)
+    token_bytes = read_tokenizer_file(path, lambda path: torch.load(path, map_location=device))
+    if not torch.is_tensor(token_bytes) or token_bytes.ndim != 1 or token_bytes.dtype not in INTEGER_DTYPES:
+        what = f"a {tuple(token_bytes.shape)} {token_bytes.dtype} tensor" if torch.is_tensor(token_bytes) else \
+            f"a {type(token_bytes).__name__}"
+        raise damaged_tokenizer_file(path, f"holds {what}, not a 1-D integer tensor")
+    if (token_bytes < 0).any():
+        raise damaged_tokenizer_file(path, "holds negative byte counts")
+    return token_bytes
+
+
+def unpickle(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def read_tokenizer_file(path, read):
+    """read(path), or a UserError naming the file when it is empty or read() fails on its bytes."""
+    if os.path.getsize(path) == 0:
+        raise damaged_tokenizer_file(path, "is empty (0 bytes)")
+    try:
+        return read(path)
+    except Exception as e:  # unpickling garbage raises almost anything: UnpicklingError, EOFError, KeyError...
+        first_sentence = str(e).strip().split("\n")[0].split(". ")[0]  # torch.load's hints run to 20 lines
+        raise damaged_tokenizer_file(path, f"cannot be read ({type(e).__name__}: {first_sentence})") from e
+
+
+def damaged_tokenizer_file(path, problem):
+    return UserError(f"Tokenizer file {path} {problem}. Restore the tokenizer/ folder of the run that trained your "
+                     f"model, or retrain it with `python -m scripts.tok_train` (then the models need retraining too)")

@@ -43,22 +43,23 @@ fi
 COMMON="--device-type=cpu"
 TAG=$([ "$SMOKE" = 1 ] && echo d2 || echo d4)  # the depth in $BASE
 
-# Re-running after a crash continues the run, as in speedrun.sh
-stage() { python -m nanochat.checkpoint_manager "$@"; }
-RERUN=0; [ -d "$NANOCHAT_BASE_DIR/base_checkpoints/$TAG" ] && RERUN=1
-[ $RERUN = 1 ] || python -m nanochat.report reset
+# Re-running after a crash continues where it stopped: each step goes through the pipeline runner
+# (python -m nanochat.pipeline), which skips a stage that finished, resumes one that was interrupted from its
+# last checkpoint, and skips an evaluation of a result it evaluated before. Checkpoints: the last 2 per stage.
+skip_or_resume() { python -m nanochat.pipeline "$@"; }
+[ -e "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ] || python -m nanochat.report reset  # a new run: a new report
 python -m nanochat.dataprep -n 8        # nothing to download when the embedded sample or NANOCHAT_DATA_DIR has shards
-[ $RERUN = 1 ] || python -m scripts.tok_train $TOK
-[ $RERUN = 1 ] || python -m scripts.tok_eval
-stage base $TAG python -m scripts.base_train $COMMON $BASE --core-metric-every=-1 --save-every=100
-python -m scripts.base_loss $COMMON $BASE_LOSS
-python -m scripts.base_eval $COMMON $CORE
-stage sft $TAG python -m scripts.chat_sft $COMMON $SFT --save-every=100
-python -m scripts.chat_eval $COMMON -i sft $EVAL
+skip_or_resume tok - python -m scripts.tok_train $TOK
+skip_or_resume --evaluates tok - python -m scripts.tok_eval
+skip_or_resume base $TAG python -m scripts.base_train $COMMON $BASE --core-metric-every=-1 --save-every=100 --keep-last=2
+skip_or_resume --evaluates base $TAG python -m scripts.base_loss $COMMON -g $TAG $BASE_LOSS
+skip_or_resume --evaluates base $TAG python -m scripts.base_eval $COMMON -g $TAG $CORE
+skip_or_resume sft $TAG python -m scripts.chat_sft $COMMON -g $TAG $SFT --save-every=100 --keep-last=2
+skip_or_resume --evaluates sft $TAG python -m scripts.chat_eval $COMMON -i sft -g $TAG $EVAL
 python -m nanochat.report generate
 
 echo "runcpu: pipeline finished in $(( $(date +%s) - start ))s; report: $NANOCHAT_BASE_DIR/report/report.md"
-python -m scripts.chat_cli $COMMON -i sft -p "Why is the sky blue?"
+python -m scripts.chat_cli $COMMON -i sft -g $TAG -p "Why is the sky blue?"
 cat <<TXT
 
 Talk to your model:

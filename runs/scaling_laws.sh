@@ -6,7 +6,7 @@
 #   FLOPS="1e18 3e18 1e19" DEPTHS="8 10 12 14 16" bash runs/scaling_laws.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NPROC="${NPROC:-8}"
+source runs/torchrun.sh  # $TORCHRUN: NPROC GPUs here, and NNODES/NODE_RANK/MASTER_ADDR for several nodes
 FLOPS="${FLOPS:-1e18 3e18 1e19}"
 DEPTHS="${DEPTHS:-8 10 12 14 16}"
 export OMP_NUM_THREADS=1
@@ -16,9 +16,9 @@ TAGS=""; BUDGETS=""
 for f in $FLOPS; do
     for d in $DEPTHS; do
         tag="iso_${f}_d$d"
-        torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=$d --target-flops=$f \
-            --model-tag=$tag --eval-every=-1 --core-metric-every=-1 --sample-every=-1
-        torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- -g $tag --max-per-task=500
+        $TORCHRUN -m scripts.base_train -- --depth=$d --target-flops=$f \
+            --model-tag=$tag --eval-every=0 --core-metric-every=-1 --sample-every=-1  # val bpb only at the end
+        $TORCHRUN -m scripts.base_eval -- -g $tag --max-per-task=500
         TAGS="$TAGS $tag"; BUDGETS="$BUDGETS $f"
     done
 done

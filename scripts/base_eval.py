@@ -20,7 +20,7 @@ from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, print_banner, positive
 from nanochat.core_eval import evaluate_core, get_eval_bundle_dir
 from nanochat.report import get_report
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 
 CPU_MAX_PER_TASK = 100
 

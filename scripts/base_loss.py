@@ -15,7 +15,7 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 from nanochat.tokenizer import get_token_bytes
 
 GPU_SPLIT_TOKENS, CPU_SPLIT_TOKENS = 40 * 524288, 2**17

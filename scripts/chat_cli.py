@@ -6,17 +6,19 @@ Talk to a model in the terminal.
 
 The conversation is kept as messages and rendered by the tokenizer's chat format for every reply (the
 same rendering as training and the web server); the model's tool calls are kept as python /
-python_output parts, so it sees them again as the special tokens it wrote. Ctrl-C while the model is
-answering stops that answer.
+python_output parts, so it sees them again as the special tokens it wrote. A conversation that outgrows
+the model's context loses its oldest exchanges, with a note (nanochat/serving.py, fit_conversation, as
+the web server). Ctrl-C while the model is answering stops that answer.
 """
 
 import argparse
 import random
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_init
+from nanochat.common import UserError, compute_init
 from nanochat.engine import Engine, StreamDecoder, reply_parts
-from nanochat.stage import add_checkpoint_flags
+from nanochat.serving import fit_conversation
+from nanochat.run import add_checkpoint_flags
 
 
 def stream_reply(engine, tokens, temperature, top_k):
@@ -45,10 +47,13 @@ def main():
     parser.add_argument("-k", "--top-k", type=int, default=50)
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
     args = parser.parse_args()
+    if args.prompt and not args.prompt.strip():
+        parser.error("-p/--prompt is blank")
 
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, *_ = load_model(args.source, device, "eval", args.model_tag, args.step)
     engine = Engine(model, tokenizer)
+    context = model.config.sequence_len
 
     if not args.prompt:
         print("nanochat: type a message; 'clear' starts a new conversation, 'quit' or Ctrl-D ends.")
@@ -62,25 +67,30 @@ def main():
             except EOFError:
                 print()
                 break
-        command = text.strip().lower()
+        command = "" if args.prompt else text.strip().lower()  # (-p "clear" asks the model about "clear")
         if command in ("quit", "exit"):
             break
         if command == "clear":
             conversation = []
             print("(new conversation)")
             continue
-        if not command:
+        if not text.strip():
             continue
 
-        conversation.append({"role": "user", "content": text})
-        prompt = tokenizer.render_for_completion({"messages": conversation + [{"role": "assistant", "content": ""}]})
-        print("\nAssistant: ", end="", flush=True)
+        messages = conversation + [{"role": "user", "content": text}]
         try:
-            reply = stream_reply(engine, prompt, args.temperature, args.top_k)
-            conversation.append({"role": "assistant", "content": reply_parts(tokenizer.decode(reply))})
-        except ValueError as e:  # the conversation no longer fits the model's context
-            conversation.pop()
-            print(f"\n{e}. Type 'clear' to start a new conversation.")
+            prompt, conversation = fit_conversation(tokenizer, messages, context)
+        except ValueError as e:  # this message alone does not fit the model's context
+            if args.prompt:
+                raise UserError(str(e)) from None
+            print(f"({e})")
+            continue
+        if dropped := len(messages) - len(conversation):
+            print(f"(the {dropped} oldest messages no longer fit the model's context of {context} tokens: "
+                  "the model does not see them anymore)")
+        print("\nAssistant: ", end="", flush=True)
+        reply = stream_reply(engine, prompt, args.temperature, args.top_k)
+        conversation.append({"role": "assistant", "content": reply_parts(tokenizer.decode(reply))})
         if args.prompt:
             break
 

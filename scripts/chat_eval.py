@@ -14,7 +14,7 @@ from nanochat.common import compute_init, compute_cleanup, print0, positive
 from nanochat.checkpoint_manager import find_checkpoint, load_model
 from nanochat.engine import Engine
 from nanochat.report import get_report
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 from tasks.chatcore import TASKS, evaluate_task, chatcore
 
 

@@ -8,7 +8,10 @@ Chat with the model in a browser (and through any OpenAI-compatible client).
 Endpoints: GET / (the chat page), POST /chat/completions (Server-Sent Events
 `data: {"token": ..., "gpu": i}` ... `data: {"done": true}`), GET /health, GET /stats, and the
 OpenAI-style POST /v1/chat/completions (stream or not) and GET /v1/models. With an API key, every
-endpoint but the page and /health needs it.
+endpoint but the page and /health needs it (and FastAPI's /docs, /redoc and /openapi.json are off).
+A conversation longer than the model's context loses its oldest exchanges (nanochat/serving.py,
+fit_conversation): the response's X-Dropped-Messages header says how many messages were left out, and
+the page's stream starts with `data: {"dropped": n}` (the page then stops sending them).
 
 Each replica is a worker: a thread running continuous batching (nanochat/serving.py) over --max-batch
 decode slots, so concurrent conversations share one decode loop instead of waiting for each other
@@ -20,7 +23,6 @@ create_app() builds the whole server around given (model, tokenizer) pairs, whic
 import argparse
 import asyncio
 import contextlib
-import functools
 import hmac
 import ipaddress
 import json
@@ -37,9 +39,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from nanochat.engine import Engine, StreamDecoder, reply_parts
-from nanochat.serving import BatchScheduler, Generation, GuardedH11Protocol, StopText
-from nanochat.stage import add_checkpoint_flags
+from nanochat.common import compute_init
+from nanochat.engine import Engine, reply_parts
+from nanochat.serving import BatchScheduler, GuardedH11Protocol, fit_conversation, generation_events
+from nanochat.run import add_checkpoint_flags
 
 logger = logging.getLogger("nanochat")
 
@@ -54,6 +57,7 @@ TOP_K_RANGE = (1, 200)
 TOP_P_RANGE = (0.0, 1.0)
 MAX_TOKENS_RANGE = (1, 4096)
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+MAX_STOP_CHARS = 200  # per stop sequence: the stream holds back up to this many characters that might begin one
 # Slow or idle clients: a request's body must arrive within BODY_TIMEOUT_S, its head (in GuardedH11Protocol)
 # within HEADER_TIMEOUT_S, and at most MAX_CONNECTIONS connections are open (fewer under a low `ulimit -n`).
 MAX_BODY_BYTES = 1_000_000
@@ -163,14 +167,16 @@ def parse_messages(body):
 
 def parse_sampling(body, defaults):
     """-> dict(temperature, top_k, top_p, max_tokens, seed) from the body, falling back to the server's flags."""
-    max_tokens_key = "max_completion_tokens" if "max_tokens" not in body else "max_tokens"  # OpenAI's newer name
+    max_tokens = {name: parse_number(body.get(name), name, None, MAX_TOKENS_RANGE, integer=True)
+                  for name in ("max_tokens", "max_completion_tokens")}  # the older and OpenAI's newer name
+    if None not in max_tokens.values() and len(set(max_tokens.values())) > 1:
+        raise RequestError("max_tokens and max_completion_tokens differ: give one of them")
     return dict(
         temperature=parse_number(body.get("temperature"), "temperature", defaults["temperature"], TEMPERATURE_RANGE,
                                  integer=False),
         top_k=parse_number(body.get("top_k"), "top_k", defaults["top_k"], TOP_K_RANGE, integer=True),
         top_p=parse_number(body.get("top_p"), "top_p", None, TOP_P_RANGE, integer=False),
-        max_tokens=parse_number(body.get(max_tokens_key), max_tokens_key, defaults["max_tokens"], MAX_TOKENS_RANGE,
-                                integer=True),
+        max_tokens=max_tokens["max_completion_tokens"] or max_tokens["max_tokens"] or defaults["max_tokens"],
         # a fresh seed per request so "regenerate" gives a new answer; clients may pin one
         seed=parse_number(body.get("seed"), "seed", random.randrange(2**31), (0, 2**63 - 1), integer=True),
     )
@@ -190,23 +196,26 @@ def parse_openai_options(body):
     include_usage = parse_flag(stream_options or {}, "include_usage", "stream_options.include_usage")
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) for s in stops):
-        raise RequestError(f"stop must be a string or a list of up to {MAX_STOP_SEQUENCES} strings")
+    if isinstance(stops, list) and len(stops) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"stop has {len(stops)} sequences; the limit is {MAX_STOP_SEQUENCES}")
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise RequestError(f"stop must be a string or a list of strings, got {shown(stop)}")
+    for i, s in enumerate(stops):
+        if len(s) > MAX_STOP_CHARS:
+            raise RequestError(f"stop sequence {i} is {len(s)} characters; the limit is {MAX_STOP_CHARS}")
     return parse_flag(body, "stream"), include_usage, stops
 
 
-def render_prompt(tokenizer, messages, context):
-    """Token ids of the conversation, primed for the assistant's reply. Earlier replies come back as text
-    with the tool markers decoded in it: they are rendered with the real special tokens again."""
+def render_prompt(tokenizer, messages, context, max_tokens=None):
+    """-> (token ids of the conversation primed for the assistant's reply, how many of its oldest messages did not
+    fit the context: see fit_conversation). Earlier replies come back as text with the tool markers decoded in it:
+    they are rendered with the real special tokens again."""
     messages = [dict(m, content=reply_parts(m["content"])) if m["role"] == "assistant" else m for m in messages]
     try:
-        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+        prompt, kept = fit_conversation(tokenizer, messages, context, max_tokens)
     except ValueError as e:
         raise RequestError(str(e))
-    if len(prompt) >= context:
-        raise RequestError(f"the conversation is {len(prompt)} tokens but the model's context is {context} tokens; "
-                           "start a new conversation or send a shorter message")
-    return prompt
+    return prompt, len(messages) - len(kept)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -224,47 +233,6 @@ class Worker:
 
     def load(self):
         return self.scheduler.num_active() + self.scheduler.num_waiting()
-
-
-def call_in_loop(loop, fn, *args):
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the event loop is closed: the server is shutting down
-        pass
-
-
-async def generation_events(worker, stats, prompt, sampling, stops=()):
-    """
-    Run one generation on a worker and yield its events as they come: {"token": text} (never splitting
-    a character, never showing a stop sequence), then {"finish_reason", "completion_tokens"}, or
-    {"error": message}. Leaving early (the client went away) cancels it: its slot is free at the next step.
-    """
-    loop = asyncio.get_running_loop()
-    events = asyncio.Queue()
-    put = functools.partial(call_in_loop, loop, events.put_nowait)
-    generation = Generation(prompt, on_token=lambda token, forced: put(token), on_finish=put, **sampling)
-    decoder, stop_text, num_tokens = StreamDecoder(worker.tokenizer), StopText(stops), 0
-    worker.scheduler.submit(generation)
-    stats["requests_total"] += 1
-    stats["requests_active"] += 1
-    try:
-        while isinstance(item := await events.get(), int):  # tokens, until the finish reason
-            num_tokens += 1
-            if item not in worker.engine.stop_tokens and (text := stop_text.push(decoder.push(item))):
-                yield {"token": text}
-            if stop_text.stopped:
-                break
-        if isinstance(item, str) and item.startswith("error"):
-            stats["requests_failed"] += 1
-            yield {"error": f"generation failed: {item.removeprefix('error: ')}"}
-            return
-        if not stop_text.stopped and (text := stop_text.push(decoder.flush()) + stop_text.flush()):
-            yield {"token": text}
-        yield {"finish_reason": "stop" if stop_text.stopped else item, "completion_tokens": num_tokens}
-    finally:
-        generation.cancel()
-        stats["requests_active"] -= 1
-        stats["tokens_generated"] += num_tokens
 
 
 async def unless_client_leaves(request, coroutine):
@@ -286,6 +254,10 @@ async def unless_client_leaves(request, coroutine):
 
 def sse(payload):
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def stream_headers(dropped):
+    return {"Cache-Control": "no-cache", "X-Dropped-Messages": str(dropped)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -317,7 +289,9 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
             worker.scheduler.stop()
             worker.thread.join(timeout=10)
 
-    app = FastAPI(title="nanochat", lifespan=lifespan)
+    # FastAPI's API docs describe every endpoint to anyone: with a key, they are off rather than unguarded
+    docs = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="nanochat", lifespan=lifespan, **docs)
     app.state.workers = workers
 
     @app.exception_handler(RequestError)
@@ -340,13 +314,16 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
     guarded = [Depends(require_api_key)]
 
     async def parse_request(request):
+        """-> (body, prompt, sampling, dropped: how many of the oldest messages did not fit)"""
         body = await read_json(request, max_body_bytes, body_timeout)
-        messages = parse_messages(body)
-        return body, render_prompt(tokenizer, messages, context), parse_sampling(body, defaults)
+        messages, sampling = parse_messages(body), parse_sampling(body, defaults)
+        # tokenizing (up to MAX_TOTAL_CHARS, a few times for a conversation that outgrew the context) off the event loop
+        prompt, dropped = await asyncio.to_thread(render_prompt, tokenizer, messages, context, sampling["max_tokens"])
+        return body, prompt, sampling, dropped
 
     def events_for(prompt, sampling, stops=()):
         worker = min(workers, key=Worker.load)
-        return worker, generation_events(worker, stats, prompt, sampling, stops)
+        return worker, generation_events(worker.scheduler, stats, prompt, sampling, stops)
 
     def load():
         return dict(num_workers=len(workers), active_requests=sum(w.scheduler.num_active() for w in workers),
@@ -369,10 +346,12 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
 
     @app.post("/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request):
-        _, prompt, sampling = await parse_request(request)
+        _, prompt, sampling, dropped = await parse_request(request)
         worker, events = events_for(prompt, sampling)
 
         async def stream():
+            if dropped:
+                yield sse({"dropped": dropped})
             async for event in events:
                 if "token" in event:
                     yield sse({"token": event["token"], "gpu": worker.index})
@@ -380,7 +359,7 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
                     yield sse({"error": event["error"]})
             yield sse({"done": True})
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=stream_headers(dropped))
 
     @app.get("/v1/models", dependencies=guarded)
     async def list_models():
@@ -389,7 +368,7 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def openai_chat_completions(request: Request):
-        body, prompt, sampling = await parse_request(request)
+        body, prompt, sampling, dropped = await parse_request(request)
         stream, include_usage, stops = parse_openai_options(body)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         _, events = events_for(prompt, sampling, stops)
@@ -409,10 +388,11 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
             if error is not None:
                 return JSONResponse({"error": {"message": error, "type": "server_error"}}, status_code=500)
             text, final = "".join(e.get("token", "") for e in reply), reply[-1]
-            return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": final["finish_reason"]}],
-                    "usage": usage(final["completion_tokens"])}
+            completion = {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
+                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                       "finish_reason": final["finish_reason"]}],
+                          "usage": usage(final["completion_tokens"])}
+            return JSONResponse(completion, headers={"X-Dropped-Messages": str(dropped)})
 
         def chunk(delta, finish_reason=None):
             return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -432,7 +412,7 @@ def create_app(replicas, temperature=0.8, top_k=50, max_tokens=512, model_name="
                                    "model": model_name, "choices": [], "usage": usage(event["completion_tokens"])})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream_chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream_chunks(), media_type="text/event-stream", headers=stream_headers(dropped))
 
     return app
 
@@ -471,19 +451,18 @@ def main():
     parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require `Authorization: Bearer KEY` (default: $NANOCHAT_API_KEY)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from nanochat.checkpoint_manager import find_checkpoint, load_model
-    from nanochat.common import autodetect_device_type
     import uvicorn
 
-    device_type = args.device_type or autodetect_device_type()
-    if args.dtype:
-        os.environ["NANOCHAT_DTYPE"] = args.dtype  # the one compute-dtype setting: the models and their KV caches read it
     if args.num_gpus < 1:
         parser.error("--num-gpus must be >= 1")
     if args.max_batch < 0:
         parser.error("--max-batch must be >= 1 (or 0 for the device's default)")
+    if args.dtype:
+        os.environ["NANOCHAT_DTYPE"] = args.dtype  # the one compute-dtype setting: the models and their KV caches read it
+    _, _, _, _, device = compute_init(args.device_type)  # from here on, a user error is one line, not a traceback
+    device_type = device.type
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         parser.error(f"--num-gpus {args.num_gpus} but only {torch.cuda.device_count()} GPUs are visible")
     max_batch = args.max_batch or (32 if device_type == "cuda" else 8)
@@ -496,7 +475,7 @@ def main():
             replicas.append((model, tokenizer))
     else:
         # CPU/MPS workers share one copy of the weights: inference never writes to them
-        model, tokenizer, *_ = load_model(args.source, torch.device(device_type), "eval", args.model_tag, args.step)
+        model, tokenizer, *_ = load_model(args.source, device, "eval", args.model_tag, args.step)
         replicas = [(model, tokenizer)] * args.num_gpus
         if device_type == "cpu":  # leave a core to the event loop that streams the tokens (+20% at 16 clients on 2 cores)
             torch.set_num_threads(max(1, torch.get_num_threads() - 1))

@@ -11,8 +11,8 @@ config.json (every architecture field, with auto_map entries pointing at the two
 configuration_nanochat.py + modeling_nanochat.py (written for this export: they import transformers and
 torch only), generation_config.json (stop on <|assistant_end|> or <|bos|>, as our engine does), and the
 tokenizer: tokenizer.json (byte-level BPE with our split regex, merges and special-token ids) plus
-tokenizer_config.json with the chat template. It is written to a temp folder and renamed into place at the
-end, so DIR is either a whole export or absent.
+tokenizer_config.json with the chat template and the padding (left, with <|assistant_end|>). It is written to
+a temp folder and renamed into place at the end, so DIR is either a whole export or absent.
 
 The export refuses a model it does not cover: a config field or parameter it has no mapping for is an error,
 never a silently wrong model. Needs the [hf] extra (pip install -e '.[hf]').
@@ -31,7 +31,7 @@ import nanochat
 from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import UserError, compute_init
 from nanochat.gpt import LOGIT_SOFTCAP, SMEAR_CHANNELS
-from nanochat.stage import add_checkpoint_flags
+from nanochat.run import add_checkpoint_flags
 from nanochat.tokenizer import CONTROL_TOKENS, SPLIT_PATTERN
 
 HF_CODE_DIR = os.path.join(os.path.dirname(nanochat.__file__), "hf")  # the package data copied into the export
@@ -172,6 +172,11 @@ def tokenizer_config(sequence_len):
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|bos|>",
         "eos_token": "<|assistant_end|>",
+        # Batches need a pad token (pipelines refuse to batch without one); the attention mask hides it, so any id
+        # works. The eos one, because generate() then never guesses a mask from pad ids, which would hide a
+        # prompt's <|bos|>. Left padding: a batch's new tokens follow every prompt directly.
+        "pad_token": "<|assistant_end|>",
+        "padding_side": "left",
         "model_max_length": sequence_len,
         "clean_up_tokenization_spaces": False,
         "chat_template": chat_template,
@@ -192,7 +197,8 @@ def export(model, tokenizer, saved_config, out_dir):
         save_file(state, os.path.join(tmp_dir, "model.safetensors"), metadata={"format": "pt"})
         config = hf_config(model, tokenizer)
         generation = {"bos_token_id": config["bos_token_id"],
-                      "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()]}
+                      "eos_token_id": [tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()],
+                      "pad_token_id": tokenizer.encode_special("<|assistant_end|>")}
         files = {"config.json": config, "generation_config.json": generation,
                  "tokenizer_config.json": tokenizer_config(model.config.sequence_len)}
         for name, content in files.items():

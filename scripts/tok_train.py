@@ -12,6 +12,7 @@ import time
 
 from nanochat.common import get_base_dir, positive
 from nanochat.dataset import parquets_iter_batched, split_files
+from nanochat.datasource import remember_embedded_setting
 from nanochat.report import get_report
 from nanochat.tokenizer import CONTROL_TOKENS, RustBPETokenizer
 
@@ -63,6 +64,7 @@ assert tokenizer.decode(tokenizer.encode(sample)) == sample, "encode/decode roun
 tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
 tokenizer.save(tokenizer_dir)
 print(f"Saved tokenizer and token bytes to {tokenizer_dir}")
+remember_embedded_setting()  # a tokenizer of the embedded sample: every later stage on this base dir reads it too
 
 token_bytes = tokenizer.token_bytes()
 ordinary = token_bytes[token_bytes > 0].float()

@@ -1,6 +1,7 @@
 """
 HumanEval: 164 Python functions to complete from a signature and docstring, graded by running the
-data set's unit tests on the model's code (in nanochat.execution's guarded subprocess).
+data set's unit tests against the model's function: the function runs in one contained process, the tests
+in another that only calls it, so the model's code cannot forge the verdict (nanochat/execution.py).
 Local file chat/humaneval/HumanEval.jsonl.gz, else the hub's openai/openai_humaneval.
 """
 
@@ -20,14 +21,15 @@ def extract_code(completion):
     return match.group(1) if match else completion
 
 
-def build_program(conversation, completion):
+def program_and_tests(conversation, completion):
     """
-    The prompt, then the model's code, then the tests. Putting the prompt first keeps its imports and
-    helper functions, and works whether the model continued the body (the code extends the prompt's
-    function) or rewrote the whole function (a later def replaces the docstring-only one).
+    -> (the program: the prompt then the model's code, the tests: the prompt then the data set's check).
+    The prompt first keeps its imports and helper functions (the tests use some), and works whether the
+    model continued the body (the code extends the prompt's function) or rewrote the whole function (a
+    later def replaces the docstring-only one).
     """
-    return "\n".join([conversation["prompt"], extract_code(completion), "", conversation["test"],
-                      f"check({conversation['entry_point']})", ""])
+    prompt = conversation["prompt"]
+    return "\n".join([prompt, extract_code(completion), ""]), "\n".join([prompt, conversation["test"], ""])
 
 
 class HumanEval(Task):
@@ -51,5 +53,5 @@ class HumanEval(Task):
         return {"messages": messages, "prompt": row["prompt"], "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation, assistant_response):
-        result = execute_code(build_program(conversation, assistant_response), timeout=self.timeout)
-        return result.success
+        program, tests = program_and_tests(conversation, assistant_response)
+        return execute_code(program, timeout=self.timeout, tests=tests, entry_point=conversation["entry_point"]).success

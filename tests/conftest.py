@@ -98,6 +98,13 @@ def isolated_data_env(tmp_path_factory, monkeypatch):
     return base
 
 
+@pytest.fixture(autouse=True)
+def keep_excepthook(monkeypatch):
+    """A stage's main() called in-process and ending in an error leaves compute_init's excepthook installed (a
+    real process needs it to report the error): put the original back after every test."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+
+
 @pytest.fixture
 def base_dir(isolated_data_env):
     """The test's own empty NANOCHAT_BASE_DIR."""

@@ -12,13 +12,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.chat_train import IGNORE_INDEX, loss_normaliser
-from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.gpt import build_gpt
+from helpers import tiny_config
 
 dist.init_process_group(backend="gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)  # the same model and data on every rank; each rank trains on its own share
-model = build_gpt(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
-                            window_pattern="L"), "cpu")
+model = build_gpt(tiny_config(n_layer=1, n_embd=32), "cpu")
 torch.nn.init.normal_(model.lm_head.weight, std=0.1)
 inputs = torch.randint(0, 64, (world_size, 2, 3, 16))  # (rank, micro-batch, row, position)
 targets = torch.randint(0, 64, (world_size, 2, 3, 16))

@@ -1,7 +1,8 @@
 """
 Models, checkpoints and servers several test modules share (a test module never imports another, nor does a
-torchrun worker): tiny random GPTs, mocks that honour the Engine's model contract, the chat server run for real
-on a free local port, the bits-per-byte fixtures and a tiny checkpoint for the chat stages.
+torchrun worker): the tiny model config every test builds on (tiny_config) and tiny random GPTs, mocks that
+honour the Engine's model contract, the chat server run for real on a free local port, the bits-per-byte
+fixtures and a tiny checkpoint for the chat stages.
 """
 import contextlib
 import socket
@@ -13,14 +14,21 @@ import torch
 
 from nanochat.gpt import GPTConfig, build_gpt
 
+# The tests' tiny GPT: 2 layers of width 64, 2 heads, full attention, a 64-token vocab and 32-token context.
+TINY_CONFIG = dict(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+
+
+def tiny_config(**overrides):
+    """TINY_CONFIG as a GPTConfig, with what a test changes (a bigger vocab, GQA, short windows, smear...)."""
+    return GPTConfig(**{**TINY_CONFIG, **overrides})
+
 
 def make_gpt(vocab_size, sequence_len=64, device="cpu"):
     """A tiny random GPT of the 2026 architecture whose every part matters: init_weights zeroes the output
     projections and smear_lambda, so redraw all matrices (otherwise attention, and with it the KV cache, would
     not influence the logits) and turn smear and backout well on."""
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                       n_embd=64, window_pattern="SL", rotary_base=100000.0, qk_scale=1.2, short_window=32,
-                       ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True)
+    config = tiny_config(sequence_len=sequence_len, vocab_size=vocab_size, n_head=4, window_pattern="SL", rotary_base=100000.0,
+                         qk_scale=1.2, short_window=32, ve_gate_channels=12, ve_gate_scale=3.0, smear=True, backout=True)
     model = build_gpt(config, device)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -34,8 +42,7 @@ def make_gpt(vocab_size, sequence_len=64, device="cpu"):
 
 def tiny_gpt(vocab_size, sequence_len=128):
     """A tiny January-architecture GPT with every parameter redrawn large, so scores differ clearly."""
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                       window_pattern="SL")
+    config = tiny_config(sequence_len=sequence_len, vocab_size=vocab_size, n_kv_head=1, window_pattern="SL")
     return redrawn_gpt(config, scale=0.3)
 
 
@@ -109,7 +116,7 @@ def scripted_server_app(tokenizer, text, **kwargs):
     """An app whose model answers the first message "hi" with `text` then <|assistant_end|>."""
     from scripts.chat_web import create_app, render_prompt
     messages = [{"role": "user", "content": "hi"}]
-    prompt = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
+    prompt, _ = render_prompt(tokenizer, messages, ScriptedConfig.sequence_len)
     script = tokenizer.encode(text) + [tokenizer.encode_special("<|assistant_end|>")]
     return create_app([(ScriptedModel(tokenizer.get_vocab_size(), script, len(prompt)), tokenizer)], **kwargs), script
 
@@ -125,7 +132,7 @@ BPB_ZERO_BYTE_IDS = [90, 91]  # token ids standing for special tokens: 0 bytes
 
 def bpb_model():
     """A small random GPT for the bits-per-byte tests (and their workers on other ranks)."""
-    config = GPTConfig(sequence_len=16, vocab_size=BPB_VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
+    config = tiny_config(sequence_len=16, vocab_size=BPB_VOCAB, n_embd=32)
     return redrawn_gpt(config, scale=0.2)
 
 
@@ -162,8 +169,7 @@ def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs, with_optimizer=False):
     """
     from nanochat.checkpoint_manager import save_checkpoint
     tokenizer.save(str(base_dir / "tokenizer"))
-    config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
+    config = tiny_config(sequence_len=256, vocab_size=tokenizer.get_vocab_size())
     torch.manual_seed(0)
     model = build_gpt(config, "cpu")
     optimizer_data = None
@@ -173,7 +179,8 @@ def make_tiny_checkpoint(base_dir, tokenizer, stage_dirs, with_optimizer=False):
             p.grad = torch.zeros_like(p)  # a zero step: moments exist, the weights stay those of the fresh model
         optimizer.step()
         optimizer_data = optimizer.state_dict()
-    meta = {"step": 0, "model_config": asdict(config), "device_batch_size": DEVICE_BATCH_SIZE, "resolved": RESOLVED}
+    meta = {"step": 0, "finished": True, "model_config": asdict(config), "device_batch_size": DEVICE_BATCH_SIZE,
+            "resolved": RESOLVED}
     for stage_dir in stage_dirs:
         save_checkpoint(str(base_dir / stage_dir / MODEL_TAG), 0, model.state_dict(), optimizer_data, meta)
     return config

@@ -270,6 +270,7 @@ def test_fa3_serves_only_bf16_and_fp16(monkeypatch):
 # ------------------------------------------------------------------ no recompiles, no host syncs
 
 
+@pytest.mark.slow
 def test_compiled_flex_compiles_each_shape_once(monkeypatch):
     """
     Masks built eagerly beforehand (as GPT.init_weights has the front door do): one graph per sequence length,

@@ -4,44 +4,51 @@ completes, writes its checkpoint under its stage dir with the source model's con
 section, and SFT trains: the last logged loss is well below the first one. Resumed from a --save-every
 checkpoint (one process or two), each ends on the same bits as the run that was not interrupted.
 
+They run in-process (main(argv)), but for the two-rank runs (torchrun).
+
 Why the loss test is meaningful and stable: a freshly initialised model has a near-zero lm_head, so
 its first loss is ln(vocab_size) (uniform guessing). A handful of steps on a small, repeated set of
 conversations must move it far below that; a broken loss mask, target shift or optimizer does not.
 """
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_DATA, run_torchrun
+from conftest import TEST_DATA, run_torchrun
 from helpers import DEVICE_BATCH_SIZE, MODEL_TAG, RESOLVED, make_tiny_checkpoint
+from nanochat import pipeline
+from nanochat.common import UserError
+from nanochat.run import Run
+from scripts import chat_rl, chat_sft
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def run_stage(module, args, base_dir, timeout=300, launcher=(sys.executable,), check=True, nproc=1):
-    """
-    Run `<launcher> -m module args` (launcher: python, or the stage wrapper and python; nproc > 1: torchrun) on
-    the CPU, offline, against base_dir; -> its combined output (check=False: the finished process).
-    """
-    env = {"NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_DIR": str(TEST_DATA),
-           "HF_HUB_OFFLINE": "1"}  # MMLU auxiliary_train is hub-only: fail fast to the local stand-in
-    if nproc > 1:
-        returncode, output = run_torchrun("-m", module, "--device-type=cpu", *args, nproc=nproc, env=env, timeout=timeout)
-        assert returncode == 0, f"{module} failed:\n{output[-4000:]}"
-        return output
-    result = subprocess.run([*launcher, "-m", module, "--device-type=cpu", *args], cwd=REPO_ROOT, capture_output=True,
-                            env={**os.environ, **env, "OMP_NUM_THREADS": "1"},  # a tiny model: threads only contend
-                            text=True, timeout=timeout)
-    if not check:
-        return result
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{module} failed:\n{output[-4000:]}"
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """The test data; NANOCHAT_DATA=embedded downloads nothing: MMLU auxiliary_train (hub-only) falls back to the
+    local stand-in at once."""
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(TEST_DATA))
+    monkeypatch.setenv("NANOCHAT_DATA", "embedded")
+
+
+def run_stage(main, args, base_dir, capsys, monkeypatch):
+    """main(["--device-type=cpu", *args]) in-process against base_dir -> its output."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    main(["--device-type=cpu", *args])
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def run_two_ranks(module, args, base_dir):
+    returncode, output = run_torchrun("-m", module, "--device-type=cpu", *args, nproc=2, timeout=600,
+                                      env={"NANOCHAT_BASE_DIR": str(base_dir)})
+    assert returncode == 0, f"{module} failed:\n{output[-4000:]}"
     return output
 
 
@@ -67,14 +74,14 @@ def read_report_section(base_dir, slug):
 
 
 @pytest.mark.slow
-def test_chat_sft_continues_the_base_run_and_lowers_masked_loss(base_dir, tiny_tokenizer):
+def test_chat_sft_continues_the_base_run_and_lowers_masked_loss(base_dir, tiny_tokenizer, capsys, monkeypatch):
     config = make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"], with_optimizer=True)
     # Batch and LRs come from the base meta: 512 tokens/step of 2 rows x 128 = 2 micro-batches per step.
     # 40 conversations (4 per task entry) seen over and over: the loss must fall far below uniform guessing.
     num_steps = 8
-    output = run_stage("scripts.chat_sft", ["--max-seq-len=128", f"--num-iterations={num_steps}", "--max-examples-per-task=4",
-                                            "--eval-every=-1", "--eval-tokens=512", "--chatcore-every=0",
-                                            "--chatcore-max-cat=4", "--chatcore-max-gen=1"], base_dir)
+    output = run_stage(chat_sft.main, ["--max-seq-len=128", f"--num-iterations={num_steps}", "--max-examples-per-task=4",
+                                       "--eval-every=0", "--eval-tokens=512", "--chatcore-every=0",  # 0: only at the end
+                                       "--chatcore-max-cat=4", "--chatcore-max-gen=1"], base_dir, capsys, monkeypatch)
     assert "Batch: 512 tokens/step = 2 rows x 128 x 1 ranks x 2 accumulation steps" in output
     assert "LRs of the source run: embedding_lr 0.25, unembedding_lr 0.02, matrix_lr 0.03, scalar_lr 0.4" in output
     assert "optimizer warm-started from" in output
@@ -88,23 +95,24 @@ def test_chat_sft_continues_the_base_run_and_lowers_masked_loss(base_dir, tiny_t
     assert meta["model_config"] == asdict(config)
     assert meta["source"] == {"stage": "base", "model_tag": MODEL_TAG, "step": 0}
     assert meta["resolved"] == RESOLVED and meta["device_batch_size"] == DEVICE_BATCH_SIZE
-    assert math.isfinite(meta["val_bpb"])
+    assert math.isfinite(meta["val_bpb"]) and meta["loss_scale"] == [2.0**16, 0]
+    assert [p["step"] for p in meta["loop_state"]["curve"] if "val_bpb" in p or "chatcore" in p] == [num_steps] * 2
     assert set(meta["chatcore"]) == {"ChatCORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"}
     assert any(item.get("Number of iterations") == num_steps for item in read_report_section(base_dir, "chat-sft"))
 
 
 @pytest.mark.slow
-def test_chat_sft_stays_finite_on_micro_batches_without_assistant_tokens(base_dir, tiny_tokenizer):
+def test_chat_sft_stays_finite_on_micro_batches_without_assistant_tokens(base_dir, tiny_tokenizer, capsys, monkeypatch):
     """Rows of 9 tokens hold only the start of each conversation: for a GSM8K question that is all user
     tokens, so those micro-batches train nothing. The upstream bug divided by their zero count (NaN)."""
     from tasks.gsm8k import GSM8K
     _, mask = tiny_tokenizer.render_conversation(GSM8K(subset="main", split="train", data_dir=str(TEST_DATA))[0])
     assert sum(mask[:9]) == 0
     make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])  # no optimizer state: a fresh one
-    output = run_stage("scripts.chat_sft", ["--max-seq-len=8", "--device-batch-size=1", "--total-batch-size=16",
-                                            "--max-examples-per-task=2", "--eval-every=-1", "--eval-tokens=16",
-                                            "--chatcore-every=-1"], base_dir)  # one pass over the mixture
-    assert "starting a fresh optimizer" in output
+    output = run_stage(chat_sft.main, ["--max-seq-len=8", "--device-batch-size=1", "--total-batch-size=16",
+                                       "--max-examples-per-task=2", "--eval-every=-1", "--eval-tokens=16",
+                                       "--chatcore-every=-1"], base_dir, capsys, monkeypatch)  # one pass over the mixture
+    assert "starting a fresh optimizer" in output and "val bpb" not in output  # -1: never, not even at the end
     losses = logged(output, "loss")
     assert len(losses) >= 10 and all(math.isfinite(loss) for loss in losses), losses
     assert "(100.0%)" in [line for line in output.splitlines() if line.startswith("step ")][-1]
@@ -113,19 +121,20 @@ def test_chat_sft_stays_finite_on_micro_batches_without_assistant_tokens(base_di
 
 
 @pytest.mark.slow
-def test_chat_rl_logs_finite_reward(base_dir, tiny_tokenizer):
+def test_chat_rl_logs_finite_reward(base_dir, tiny_tokenizer, capsys, monkeypatch):
     config = make_tiny_checkpoint(base_dir, tiny_tokenizer, ["chatsft_checkpoints"])
-    output = run_stage("scripts.chat_rl", ["--num-iterations=2", "--examples-per-step=2", "--num-samples=4",
-                                           "--device-batch-size=4", "--max-new-tokens=8", "--eval-every=-1",
-                                           "--eval-examples=2", "--eval-samples=2"], base_dir)
+    output = run_stage(chat_rl.main, ["--num-iterations=2", "--examples-per-step=2", "--num-samples=4",
+                                      "--device-batch-size=4", "--max-new-tokens=8", "--eval-every=0",
+                                      "--eval-examples=2", "--eval-samples=2"], base_dir, capsys, monkeypatch)
     rewards = logged(output, "reward")
     assert len(rewards) == 2
     assert all(math.isfinite(r) and 0.0 <= r <= 1.0 for r in rewards), rewards
-    assert re.search(r"GSM8K test pass@1 \d+\.\d+% \| pass@2 \d+\.\d+%", output)
+    assert len(re.findall(r"Step 00002 \| GSM8K test pass@1 \d+\.\d+% \| pass@2 \d+\.\d+%", output)) == 1
+    assert "Step 00000 | GSM8K" not in output  # 0: only at the end
 
     meta = read_meta(base_dir / "chatrl_checkpoints" / MODEL_TAG, 2)
     assert meta["model_config"] == asdict(config)
-    assert set(meta["val_pass_at_k"]) == {"pass@1", "pass@2"}
+    assert set(meta["val_pass_at_k"]) == {"pass@1", "pass@2"} and meta["loss_scale"] == [2.0**16, 0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,13 +167,14 @@ def assert_same_final_checkpoint(dir_a, dir_b, step, rank=0):
 
 
 @pytest.mark.slow
-def test_chat_sft_resumes_exactly_where_it_was_saved(base_dir, tiny_tokenizer, tmp_path):
+def test_chat_sft_resumes_exactly_where_it_was_saved(base_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
     """An epoch horizon (the LR follows the packed fraction of the mixture, the packer holds conversations
-    between steps): the resumed run must rebuild all of it to end on the same bits."""
+    between steps): the resumed run must rebuild all of it to end on the same bits, without evaluating the
+    step it resumed from again (its val bpb came back with the checkpoint)."""
     make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"], with_optimizer=True)
     args = ["--max-seq-len=128", "--max-examples-per-task=3", "--warmdown-ratio=1.0", "--eval-every=2", "--eval-tokens=512",
             "--chatcore-every=-1", "--save-every=2"]
-    output = run_stage("scripts.chat_sft", args, base_dir)
+    output = run_stage(chat_sft.main, args, base_dir, capsys, monkeypatch)
     checkpoints = base_dir / "chatsft_checkpoints" / MODEL_TAG
     last = max(int(p.name[5:11]) for p in checkpoints.glob("meta_*.json"))
     assert last >= 5 and (checkpoints / "meta_000002.json").exists()  # a few steps past the resume point
@@ -174,16 +184,19 @@ def test_chat_sft_resumes_exactly_where_it_was_saved(base_dir, tiny_tokenizer, t
 
     resumed_dir = tmp_path / "resumed"
     copy_interrupted_run(base_dir, resumed_dir, ["base_checkpoints"], "chatsft_checkpoints", 2)
-    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir)
+    resumes = []  # every stage resumes through Run.resume, and nothing else
+    monkeypatch.setattr(Run, "resume", lambda self, *args, real=Run.resume: resumes.append(1) or real(self, *args))
+    resumed = run_stage(chat_sft.main, args + ["--resume-from-step=2"], resumed_dir, capsys, monkeypatch)
+    assert resumes == [1]
     full, again = step_log(output, "loss"), step_log(resumed, "loss")
     assert sorted(again) == list(range(3, last + 1))
     assert {s: full[s] for s in again} == again
+    assert "Step 00002 | val bpb" in output and "Step 00002 | val bpb" not in resumed
     assert_same_final_checkpoint(checkpoints, resumed_dir / "chatsft_checkpoints" / MODEL_TAG, last)
 
-    # The end of the run cannot be resumed: the same one-line refusal as pretraining
-    refused = run_stage("scripts.chat_sft", args + [f"--resume-from-step={last}"], base_dir, check=False)
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert f"Cannot resume from step {last}: this run ends at step {last}" in refused.stderr.strip().splitlines()[-1]
+    # The end of the run cannot be resumed: the same refusal as pretraining (one line in a real process)
+    with pytest.raises(UserError, match=f"Cannot resume from step {last}: this run ends at step {last}"):
+        run_stage(chat_sft.main, args + [f"--resume-from-step={last}"], base_dir, capsys, monkeypatch)
 
 
 @pytest.mark.slow
@@ -193,7 +206,7 @@ def test_chat_sft_resumes_exactly_on_two_ranks(base_dir, tiny_tokenizer, tmp_pat
     make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])  # a 1-process optimizer state: a fresh one
     args = ["--max-seq-len=128", "--device-batch-size=1", "--total-batch-size=512", "--max-examples-per-task=3",
             "--warmdown-ratio=1.0", "--eval-every=-1", "--eval-tokens=256", "--chatcore-every=-1", "--save-every=2"]
-    output = run_stage("scripts.chat_sft", args, base_dir, nproc=2)
+    output = run_two_ranks("scripts.chat_sft", args, base_dir)
     checkpoints = base_dir / "chatsft_checkpoints" / MODEL_TAG
     last = max(int(p.name[5:11]) for p in checkpoints.glob("meta_*.json"))
     data_states = read_meta(checkpoints, 2)["data_states"]
@@ -201,7 +214,7 @@ def test_chat_sft_resumes_exactly_on_two_ranks(base_dir, tiny_tokenizer, tmp_pat
 
     resumed_dir = tmp_path / "resumed"
     copy_interrupted_run(base_dir, resumed_dir, ["base_checkpoints"], "chatsft_checkpoints", 2)
-    resumed = run_stage("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir, nproc=2)
+    resumed = run_two_ranks("scripts.chat_sft", args + ["--resume-from-step=2"], resumed_dir)
     full, again = step_log(output, "loss"), step_log(resumed, "loss")
     assert sorted(again) == list(range(3, last + 1)) and again == {s: full[s] for s in again}
     for rank in (0, 1):
@@ -209,29 +222,31 @@ def test_chat_sft_resumes_exactly_on_two_ranks(base_dir, tiny_tokenizer, tmp_pat
 
 
 @pytest.mark.slow
-def test_chat_rl_resumes_exactly_and_a_rerun_skips_it(base_dir, tiny_tokenizer, tmp_path):
+def test_chat_rl_resumes_exactly_and_a_rerun_skips_it(base_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
     """
-    Interrupted after step 2, the run script's way of continuing (the stage wrapper) resumes from step 2 and
-    ends on the same bits; run again, it skips the finished stage. A random model earns no reward, so
+    Interrupted after step 2, the run script's way of continuing (the pipeline runner) resumes from step 2 and
+    ends on the same bits, evaluating step 2 only once; run again, it skips the finished stage. A random model
+    earns no reward, so
     the policy gradient is 0: weight decay moves the weights instead, by the step's LR, and the sampled
     answers (their lengths are logged) depend on those weights and on the step's seeds.
     """
     make_tiny_checkpoint(base_dir, tiny_tokenizer, ["chatsft_checkpoints"])
     args = ["--num-iterations=4", "--examples-per-step=2", "--num-samples=2", "--device-batch-size=2", "--max-new-tokens=8",
             "--eval-every=2", "--eval-examples=2", "--eval-samples=2", "--weight-decay=0.5", "--save-every=2"]
-    output = run_stage("scripts.chat_rl", args, base_dir)
+    output = run_stage(chat_rl.main, args, base_dir, capsys, monkeypatch)
     checkpoints = base_dir / "chatrl_checkpoints" / MODEL_TAG
     before, after = torch.load(checkpoints / "model_000002.pt"), torch.load(checkpoints / "model_000004.pt")
     assert not all(torch.equal(before[key], after[key]) for key in before)  # steps 3 and 4 changed the model
 
     resumed_dir = tmp_path / "resumed"
     copy_interrupted_run(base_dir, resumed_dir, ["chatsft_checkpoints"], "chatrl_checkpoints", 2)
-    stage = [sys.executable, "-m", "nanochat.checkpoint_manager", "rl", MODEL_TAG, sys.executable]
-    resumed = run_stage("scripts.chat_rl", args, resumed_dir, launcher=stage)
-    assert "rl d2: resuming from step 2" in resumed
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(resumed_dir))
+    command = pipeline.train("rl", MODEL_TAG, ["chat_rl", *args], print)  # what the runner would run
+    assert command == ["chat_rl", *args, "--resume-from-step=2"] and "resuming from step 2" in capsys.readouterr().out
+    resumed = run_stage(chat_rl.main, command[1:], resumed_dir, capsys, monkeypatch)
     full, again = step_log(output, "answer length"), step_log(resumed, "answer length")
     assert sorted(again) == [3, 4] and again == {s: full[s] for s in again}
+    assert re.findall(r"Step (\d+) \| GSM8K", output) == ["00000", "00002", "00004"]
+    assert re.findall(r"Step (\d+) \| GSM8K", resumed) == ["00004"]
     assert_same_final_checkpoint(checkpoints, resumed_dir / "chatrl_checkpoints" / MODEL_TAG, 4)
-
-    rerun = run_stage("scripts.chat_rl", args, resumed_dir, launcher=stage)
-    assert "rl d2: finished at step 4" in rerun and not step_log(rerun, "reward")
+    assert pipeline.train("rl", MODEL_TAG, ["chat_rl", *args], print) is None  # run again: finished, skipped

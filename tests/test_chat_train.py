@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, TEST_DATA, run_torchrun
+from helpers import tiny_config
 from nanochat.chat_train import (IGNORE_INDEX, training_rows, conversation_batches, loss_normaliser,
                                  load_optimizer_state, group_advantages, policy_gradient_loss)
 
@@ -171,10 +172,9 @@ def test_a_conversation_longer_than_a_row_fills_one_row_truncated(tiny_tokenizer
 
 
 def tiny_gpt():
-    from nanochat.gpt import GPTConfig, build_gpt
+    from nanochat.gpt import build_gpt
     torch.manual_seed(0)
-    model = build_gpt(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
-                                window_pattern="L"), "cpu")
+    model = build_gpt(tiny_config(n_layer=1, n_embd=32), "cpu")
     torch.nn.init.normal_(model.lm_head.weight, std=0.1)  # non-zero logits, so gradients are non-trivial
     return model
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, reply_parts
-from helpers import MESSAGES, ScriptedModel, scripted_server_app, serve
-from scripts.chat_web import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, create_app, render_prompt
+from helpers import MESSAGES, ScriptedModel, make_gpt, scripted_server_app, serve, tiny_config
+from scripts.chat_web import (MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOTAL_CHARS,
+                              create_app, render_prompt)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def gpt(tiny_tokenizer):
-    from nanochat.gpt import GPTConfig, build_gpt
-    config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
-                       n_kv_head=2, n_embd=64, window_pattern="L")
+    from nanochat.gpt import build_gpt
+    config = tiny_config(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size())
     model = build_gpt(config, "cpu")
     torch.manual_seed(0)
     with torch.no_grad():
@@ -47,7 +47,8 @@ def sse_events(response_text):
 
 def reference_reply(model, tokenizer, messages, max_tokens):
     """What the server must stream at temperature 0: the Engine's greedy tokens up to the stop token."""
-    prompt = render_prompt(tokenizer, messages, model.config.sequence_len)
+    prompt, dropped = render_prompt(tokenizer, messages, model.config.sequence_len, max_tokens)
+    assert dropped == 0
     results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     return prompt, results[0][len(prompt):]
 
@@ -83,6 +84,10 @@ def long_conversation(num_messages, chars):
     ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens must be an integer between 1 and 4096"),
     ({"messages": MESSAGES, "max_tokens": 4097}, "max_tokens must be"),
     ({"messages": MESSAGES, "max_tokens": [[[[1]]]]}, "max_tokens must be an integer between 1 and 4096, got list"),
+    ({"messages": MESSAGES, "max_completion_tokens": 0}, "max_completion_tokens must be an integer between 1 and 4096"),
+    ({"messages": MESSAGES, "max_completion_tokens": 4097, "max_tokens": 5}, "max_completion_tokens must be"),
+    ({"messages": MESSAGES, "max_completion_tokens": "10", "max_tokens": None}, "max_completion_tokens must be"),
+    ({"messages": MESSAGES, "max_completion_tokens": 10, "max_tokens": 5}, "differ: give one of them"),
     ({"messages": []}, "non-empty list"),
     ({}, "non-empty list"),
     ({"messages": "hello"}, "non-empty list"),
@@ -125,6 +130,8 @@ def test_openai_client(server, gpt, tiny_tokenizer):
     same = client.chat.completions.create(model=model_id, messages=[dict(m, content=p) for m, p in zip(MESSAGES, parts)],
                                           temperature=0, max_completion_tokens=10, n=1, top_p=1.0)
     assert same.choices[0].message.content == reply.choices[0].message.content
+    short = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=0, max_completion_tokens=3)
+    assert short.usage.completion_tokens <= 3 and reply.choices[0].message.content.startswith(short.choices[0].message.content)
     sampled = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, top_p=0.5, seed=3,
                                              max_tokens=10)
     again = client.chat.completions.create(model=model_id, messages=MESSAGES, temperature=1.0, top_p=0.5, seed=3,
@@ -133,7 +140,7 @@ def test_openai_client(server, gpt, tiny_tokenizer):
 
     for bad, field in [(dict(temperature=3), "temperature"), (dict(top_p=1.5), "top_p"), (dict(n=2), "n must be 1"),
                        (dict(presence_penalty=0.5), "presence_penalty is not supported"),
-                       (dict(stop=["a", "b", "c", "d", "e"]), "stop must be")]:
+                       (dict(stop=["a", "b", "c", "d", "e"]), "stop has 5 sequences; the limit is 4")]:
         with pytest.raises(openai.BadRequestError, match=field):
             client.chat.completions.create(model=model_id, messages=MESSAGES, **bad)
 
@@ -168,6 +175,41 @@ def test_stop_sequences_cut_the_reply(tiny_tokenizer):
             assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
         reply = client.chat.completions.create(model="nanochat", messages=hi, stop="###")
         assert reply.usage.completion_tokens < len(script)  # generation ended at the stop sequence
+
+
+def test_hostile_stop_sequences_are_refused_or_cheap(tiny_tokenizer):
+    """Stop sequences over the limits get 400 at once; at the limits (4 x 200 characters, each a near-match of
+    the reply at every character), a 1000-token reply streams while /health keeps answering promptly."""
+    model = ScriptedModel(tiny_tokenizer.get_vocab_size(), tiny_tokenizer.encode("a"), prompt_len=0)
+    model.config.sequence_len = 1200  # (this instance's context: room for a 1000-token reply)
+    near_misses = ["a" * (MAX_STOP_CHARS - 1) + end for end in "bcde"]
+    assert len(near_misses) == MAX_STOP_SEQUENCES
+    with serve(create_app([(model, tiny_tokenizer)], max_tokens=1000)) as url:
+        for stop, message in ((["a" * 240_000 + "b"] * 4, f"stop sequence 0 is 240001 characters; the limit is {MAX_STOP_CHARS}"),
+                              (["a", "b", "c", "d", "e"], "stop has 5 sequences; the limit is 4"),
+                              ([["a"]], "stop must be a string or a list of strings, got list"),
+                              (near_misses[:1] + ["x" * (MAX_STOP_CHARS + 1)], "stop sequence 1 is 201 characters")):
+            response = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, "stop": stop}, timeout=30)
+            assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                body = {"messages": MESSAGES, "stop": near_misses, "stream": True}
+                request = asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=body))
+                latencies = []
+                while not request.done():
+                    start = time.perf_counter()
+                    assert (await client.get(f"{url}/health")).status_code == 200
+                    latencies.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.02)
+                return (await request).text, latencies
+
+        text, latencies = asyncio.run(run())
+    chunks = [e for e in sse_events(text.removesuffix("data: [DONE]\n\n"))]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "a" * 1000  # no stop matched
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # (before the limits and the linear matching, four 240,000-character stop sequences held the event loop 12.7 s)
+    assert len(latencies) > 5 and max(latencies) < 2.0, latencies
 
 
 def test_concurrent_requests_share_the_batch_and_match_lone_replies(server, gpt, tiny_tokenizer):
@@ -300,7 +342,44 @@ def test_tool_markup_is_rendered_as_special_tokens(tiny_tokenizer):
                                   {"type": "python_output", "text": "5"}, {"type": "text", "text": " So 5."}]
     messages = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": reply},
                 {"role": "user", "content": "thanks"}]
-    prompt = render_prompt(tiny_tokenizer, messages, 256)
+    prompt, _ = render_prompt(tiny_tokenizer, messages, 256)
     special = tiny_tokenizer.encode_special
     call = [special("<|python_start|>")] + tiny_tokenizer.encode("2+3") + [special("<|python_end|>")]
     assert any(prompt[i:i + len(call)] == call for i in range(len(prompt)))
+
+
+@pytest.mark.slow
+def test_a_long_chat_keeps_going_past_the_context(tiny_tokenizer):
+    """25 turns with a real tiny model at a 64-token context, never an error. As the page does: the stream says
+    how many of the oldest messages were left out, the client stops sending them, and the reply is the one the
+    kept messages get on their own. As an OpenAI client does: the whole history, with a system message, every
+    time; X-Dropped-Messages says how many were left out, and the prompt is the rest."""
+    context, max_tokens = 64, 12
+    model = make_gpt(tiny_tokenizer.get_vocab_size(), sequence_len=context)
+    import openai
+    with serve(create_app([(model, tiny_tokenizer)], max_tokens=max_tokens, temperature=0.0)) as url:
+        sent, total_dropped = [], 0
+        for i in range(25):
+            sent.append({"role": "user", "content": f"Tell me more about item {i}."})
+            response = httpx.post(f"{url}/chat/completions", json={"messages": sent}, timeout=60)
+            events = sse_events(response.text)
+            dropped = events[0].get("dropped", 0)
+            assert int(response.headers["x-dropped-messages"]) == dropped and dropped % 2 == 0
+            sent = sent[dropped:]
+            _, expected = reference_reply(model, tiny_tokenizer, sent, max_tokens)  # (they fit: nothing dropped)
+            assert "".join(e.get("token", "") for e in events) == tiny_tokenizer.decode(expected)
+            assert events[-1] == {"done": True} and not any("error" in e for e in events)
+            sent.append({"role": "assistant", "content": tiny_tokenizer.decode(expected)})
+            total_dropped += dropped
+        assert total_dropped > 10
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        history = [{"role": "system", "content": "You are brief."}]
+        for i in range(25):
+            history.append({"role": "user", "content": f"And item {i}?"})
+            raw = client.chat.completions.with_raw_response.create(model="nanochat", messages=history)
+            reply, dropped = raw.parse(), int(raw.headers["x-dropped-messages"])
+            prompt, more = render_prompt(tiny_tokenizer, history[:1] + history[1 + dropped:], context, max_tokens)
+            assert more == 0 and reply.usage.prompt_tokens == len(prompt)  # the system message stays
+            history.append({"role": "assistant", "content": reply.choices[0].message.content})
+        assert dropped > 10

@@ -1,5 +1,6 @@
 """Checkpoints: exact round-trips, crash safety of saves (kill -9 included), damaged files, cleanup and pruning,
-older-checkpoint patching, finding the right checkpoint."""
+older-checkpoint patching, finding the right checkpoint. (Resuming a run: test_run.py; the pipeline runner:
+test_pipeline.py.)"""
 import dataclasses
 import logging
 import os
@@ -11,15 +12,15 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from helpers import TINY_CONFIG
 from nanochat import checkpoint_manager as cm
-from nanochat.common import UserError
+from nanochat.common import UserError, _host
 from nanochat.gpt import GPTConfig, build_gpt
 
 
 def make_model(vocab_size, seed=0, config_cls=GPTConfig, build=build_gpt, **overrides):
     """A tiny GPT whose every weight is random, so outputs depend on all of them."""
-    config = config_cls(**{**dict(sequence_len=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                                  window_pattern="SL"), **overrides})
+    config = config_cls(**{**TINY_CONFIG, "vocab_size": vocab_size, "n_kv_head": 1, "window_pattern": "SL", **overrides})
     model = build(config, "cpu")
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -219,7 +220,7 @@ def test_vocab_size_mismatch_is_a_clear_error(setup):
     model, checkpoint_dir = setup
     other = make_model(model.config.vocab_size + 64)
     cm.save_checkpoint(checkpoint_dir, 1, other.state_dict(), None, meta_for(other, 1))
-    with pytest.raises(ValueError, match=rf"{model.config.vocab_size} tokens .* vocab_size {model.config.vocab_size + 64}"):
+    with pytest.raises(UserError, match=rf"{model.config.vocab_size} tokens .* vocab_size {model.config.vocab_size + 64}"):
         cm.build_model(checkpoint_dir, 1, "cpu", phase="eval")
 
 
@@ -264,7 +265,7 @@ def test_load_model_errors_say_what_to_run(base_dir):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Damaged files, temp files of killed saves, pruning, resume steps
+# Damaged files, temp files of killed saves, pruning
 
 def two_steps(checkpoint_dir, model):
     for step in (1, 2):
@@ -305,7 +306,7 @@ def dead_pid():
 def test_only_stale_temp_files_are_removed(setup):
     model, checkpoint_dir = setup
     os.makedirs(checkpoint_dir)
-    host = cm._host()
+    host = _host()
     stale = [f".model_000004.pt.{host}-{dead_pid()}.k2j4_x.tmp", f".optim_000004_rank1.pt.{host}-{dead_pid()}.a1.tmp",
              f".meta_000004.json.{host}-{dead_pid()}.zz9.tmp"]
     kept = [f".model_000005.pt.{host}-{os.getpid()}.abc.tmp",  # a live writer: this process
@@ -343,6 +344,7 @@ cm.save_checkpoint(checkpoint_dir, 2, model_data, optim_data, dict(meta, step=2)
 
 
 @pytest.mark.parametrize("which", ["model", "optim"])
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_step_and_next_start_cleans_up(tmp_path, which):
     checkpoint_dir = tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -367,7 +369,7 @@ def test_prune_keeps_newest_steps_and_the_resumed_one(tmp_path, monkeypatch):
         cm.save_checkpoint(checkpoint_dir, step, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": step})
     os.remove(cm.meta_path(checkpoint_dir, 3))  # an older step left incomplete by a crash
     os.remove(cm.meta_path(checkpoint_dir, 6))  # a newer one still being saved
-    open(os.path.join(checkpoint_dir, f".model_000007.pt.{cm._host()}-{os.getpid()}.x.tmp"), "wb").close()
+    open(os.path.join(checkpoint_dir, f".model_000007.pt.{_host()}-{os.getpid()}.x.tmp"), "wb").close()
     removed = []
     real_remove = os.remove
     monkeypatch.setattr(os, "remove", lambda path: (removed.append(os.path.basename(path)), real_remove(path)))
@@ -376,76 +378,7 @@ def test_prune_keeps_newest_steps_and_the_resumed_one(tmp_path, monkeypatch):
     assert sorted(os.listdir(checkpoint_dir)) == sorted(
         [f"{kind}_{step:06d}{ext}" for step in (1, 4, 5) for kind, ext in [("model", ".pt"), ("meta", ".json"),
                                                                            ("optim", "_rank0.pt")]]
-        + ["model_000006.pt", "optim_000006_rank0.pt", f".model_000007.pt.{cm._host()}-{os.getpid()}.x.tmp"])
+        + ["model_000006.pt", "optim_000006_rank0.pt", f".model_000007.pt.{_host()}-{os.getpid()}.x.tmp"])
     assert sorted(removed) == ["meta_000002.json", "model_000002.pt", "model_000003.pt", "optim_000002_rank0.pt",
                                "optim_000003_rank0.pt"]
     assert removed.index("meta_000002.json") < removed.index("model_000002.pt")  # incomplete before it goes
-
-
-def test_resume_step_must_be_before_the_end():
-    cm.check_resume_step(0, 5)
-    cm.check_resume_step(4, 5)
-    for step in (5, 9, -2):
-        with pytest.raises(UserError, match=f"Cannot resume from step {step}: this run ends at step 5"):
-            cm.check_resume_step(step, 5)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Resuming a training run, and re-running a pipeline stage by stage
-
-def test_resume_training_restores_model_and_optimizer(tmp_path):
-    torch.manual_seed(0)
-    model = make_model(64)
-    optimizer = model.setup_optimizer()
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    cm.save_checkpoint(str(tmp_path), 1, model.state_dict(), optimizer.state_dict(), {**meta_for(model, 1), "loop_state": {"x": 1}})
-
-    fresh = make_model(64, seed=1)
-    fresh_optimizer = fresh.setup_optimizer()
-    meta = cm.resume_training(str(tmp_path), 1, fresh, fresh_optimizer, "cpu")
-    assert meta["loop_state"] == {"x": 1}
-    for a, b in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(a, b)
-    saved, loaded = optimizer.state_dict(), fresh_optimizer.state_dict()
-    for index, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, loaded["state"][index][key]) if torch.is_tensor(value) else value == loaded["state"][index][key]
-
-    # A shard of a 2-process run: this process holds only half of the optimizer, so it must refuse
-    torch.save({**saved, "world_size": 2}, cm.optim_path(str(tmp_path), 1, 0))
-    with pytest.raises(UserError, match="saved by 2 process\\(es\\) and this run has 1: .* resume with 2"):
-        cm.resume_training(str(tmp_path), 1, fresh, fresh_optimizer, "cpu")
-
-
-def run_stage_cli(*args):
-    command = [sys.executable, "-c", "import sys; print('trained with', sys.argv[1:])", "--depth=2"]
-    return subprocess.run([sys.executable, "-m", "nanochat.checkpoint_manager", *args, *command], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_a_stage_runs_fresh_resumes_when_interrupted_and_skips_when_finished(base_dir):
-    checkpoint_dir = str(base_dir / "chatsft_checkpoints" / "d2")
-    result = run_stage_cli("sft", "d2")  # nothing saved yet: the command as given
-    assert result.returncode == 0 and result.stdout == "trained with ['--depth=2']\n"
-
-    for step in (2, 4):
-        cm.save_checkpoint(checkpoint_dir, step, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": step, "finished": False})
-    cm.save_checkpoint(checkpoint_dir, 6, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": 6})  # being saved: no meta yet
-    os.remove(cm.meta_path(checkpoint_dir, 6))
-    result = run_stage_cli("sft", "d2")
-    assert result.returncode == 0
-    assert result.stdout.splitlines()[-1] == "trained with ['--depth=2', '--resume-from-step=4']"
-
-    cm.save_checkpoint(checkpoint_dir, 6, {"w": torch.ones(1)}, {"m": torch.ones(1)}, {"step": 6, "finished": True})
-    result = run_stage_cli("sft", "d2")
-    assert result.returncode == 0 and "trained with" not in result.stdout
-    assert f"sft d2: finished at step 6 in {checkpoint_dir}, skipping it" in result.stdout
-
-    # Neither finished nor resumable (no optimizer state): say so instead of guessing
-    cm.save_checkpoint(checkpoint_dir, 8, {"w": torch.ones(1)}, None, {"step": 8, "finished": False})
-    result = run_stage_cli("sft", "d2")
-    assert result.returncode == 1 and "trained with" not in result.stdout
-    assert result.stderr.strip().splitlines()[-1].endswith(f"delete {checkpoint_dir} to train that stage again")
-    assert len(result.stderr.strip().splitlines()) == 1

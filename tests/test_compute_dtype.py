@@ -89,6 +89,7 @@ def test_unknown_device_reads_inf_not_a_neighbour(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+@pytest.mark.slow
 def test_cuda_without_a_gpu_is_one_line():
     result = subprocess.run([sys.executable, "-m", "scripts.base_train", "--device-type=cuda"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
@@ -98,6 +99,7 @@ def test_cuda_without_a_gpu_is_one_line():
     assert "--device-type=cuda but torch" in lines[0] and "runs/setup.sh" in lines[0]
 
 
+@pytest.mark.slow
 def test_allocator_setting_before_cuda_starts():
     code = "import os; from nanochat.common import compute_init; compute_init('cpu'); print(os.environ['PYTORCH_ALLOC_CONF'])"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}

@@ -195,6 +195,7 @@ def test_uniform_model_picks_the_first_choice(tiny_tokenizer, label):
         assert core_eval.evaluate_task(uniform, tiny_tokenizer, data, "cpu", task, **kwargs) == expected
 
 
+@pytest.mark.slow
 def test_batched_paths_match_the_simple_path(tiny_tokenizer):
     """Same rows, same decisions: one forward per example vs packed batches vs a shared prefix + KV cache."""
     model = tiny_gpt(tiny_tokenizer.get_vocab_size())

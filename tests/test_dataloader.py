@@ -219,6 +219,7 @@ def tokenizer_32k():
     return RustBPETokenizer.train_from_iterator(pretrain_texts(2_000_000), vocab_size=32768)
 
 
+@pytest.mark.slow
 def test_crop_fraction_at_T2048(test_data, tokenizer_32k):
     """
     Crop fraction = tokens of consumed documents cut off by cropping / all their tokens. Measured on
@@ -307,6 +308,7 @@ next(loader)  # the producer thread now reads and tokenizes ahead
 """
 
 
+@pytest.mark.slow
 def test_loader_thread_is_stopped_before_interpreter_exit(test_data, tiny_tokenizer, tmp_path):
     """A producer thread still inside pyarrow when the interpreter finalizes aborted the process (SIGABRT)."""
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))

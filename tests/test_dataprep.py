@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO_ROOT, TEST_DATA, FileServer
-from nanochat import datasource
 from nanochat import dataprep, dataset
+from nanochat.common import TEMP_FILE_RE, _host
 
 
 def shard_texts(path):
@@ -305,7 +305,7 @@ def test_ensure_data_downloads_only_when_no_local_source_has_shards(tmp_path, mo
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(TEST_DATA))  # a data tree with shards: nothing to download
     assert dataprep.ensure_data(2, base_url=closed_port_url) == str(TEST_DATA / "pretrain")
     monkeypatch.delenv("NANOCHAT_DATA_DIR")
-    monkeypatch.delenv("NANOCHAT_DATA")
+    monkeypatch.setenv("NANOCHAT_DATA", "")  # (set, empty: unset, this base dir would remember the embedded sample)
     with pytest.raises(dataprep.DownloadError, match="NANOCHAT_DATA=embedded"):  # else: download, naming the fix
         dataprep.ensure_data(2, base_url=closed_port_url, attempts=1)
     write_parquet(tmp_path / "a.parquet", ["x"])
@@ -343,7 +343,7 @@ def start_stalled_download(program, tmp_path, base_dir):
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while not (dest.is_dir() and any(datasource.TEMP_RE.fullmatch(name) for name in os.listdir(dest))):
+    while not (dest.is_dir() and any(TEMP_FILE_RE.match(name) for name in os.listdir(dest))):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     time.sleep(0.3)  # the first half of the bytes is in the temp file
@@ -351,6 +351,7 @@ def start_stalled_download(program, tmp_path, base_dir):
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.slow
 def test_ctrl_c_stops_a_download_within_two_seconds_leaving_no_partial_file(tmp_path, base_dir, program):
     process, server, dest = start_stalled_download(program, tmp_path, base_dir)
     try:
@@ -368,16 +369,17 @@ def test_ctrl_c_stops_a_download_within_two_seconds_leaving_no_partial_file(tmp_
         assert "Traceback" not in err and "Interrupted" in err
 
 
+@pytest.mark.slow
 def test_temp_files_of_a_killed_download_are_removed_at_the_next_start(tmp_path, base_dir):
     process, server, dest = start_stalled_download("shards", tmp_path, base_dir)
     process.kill()  # kill -9: no chance to clean up
     process.wait()
     server.__exit__()
-    left = [name for name in os.listdir(dest) if datasource.TEMP_RE.fullmatch(name)]
+    left = [name for name in os.listdir(dest) if TEMP_FILE_RE.match(name)]
     assert left and not dataset.list_parquet_files(str(dest))  # partial files, under temp names only
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live_temp = dest / f"shard_00001.parquet.tmp{alive.pid}_1"  # another process still downloading
+        live_temp = dest / f".shard_00001.parquet.{_host()}-{alive.pid}.1.tmp"  # another process still downloading
         live_temp.write_bytes(b"in progress")
         files = make_remote(tmp_path / "again", 3)
         with FileServer(files) as server:

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import REPO_ROOT, FileServer
 from nanochat import datasource
+from nanochat.common import _host, temp_path
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,27 @@ def test_find_data_order_and_one_line_per_source(tmp_path, base_dir, monkeypatch
     assert datasource.find_data(*need) and datasource.find_data("chat/gsm8k/test.jsonl.gz")  # asked again: no new line
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"Data: the embedded sample in {REPO_ROOT / 'data'} (NANOCHAT_DATA=embedded; for the CPU demo and "
-                     f"tests only)", f"Data: the base dir {base_dir}", f"Data: NANOCHAT_DATA_DIR={tree}"]
+                     f"tests only; NANOCHAT_DATA= to download instead)", f"Data: the base dir {base_dir}",
+                     f"Data: NANOCHAT_DATA_DIR={tree}"]
+
+
+def test_a_base_dir_filled_from_the_embedded_sample_remembers_it(base_dir, monkeypatch, capsys):
+    """A stage of the CPU demo rerun by hand, without NANOCHAT_DATA=embedded, must read what the demo read
+    (it used to retry downloads for 23 s and end in tracebacks)."""
+    need = "chat/gsm8k/train.jsonl.gz"
+    assert not datasource.embedded_requested() and datasource.find_data(need) is None
+    datasource.remember_embedded_setting()  # (tok_train's call) without NANOCHAT_DATA=embedded: nothing to remember
+    assert os.listdir(base_dir) == []
+    monkeypatch.setenv("NANOCHAT_DATA", "embedded")
+    assert datasource.find_data(need) == str(REPO_ROOT / "data" / need) and os.listdir(base_dir) == []  # reads only
+    datasource.remember_embedded_setting()
+    monkeypatch.delenv("NANOCHAT_DATA")
+    assert datasource.embedded_requested() and datasource.find_data(need) == str(REPO_ROOT / "data" / need)
+    datasource.announce.cache_clear()
+    datasource.find_data(need)
+    assert f"{base_dir / datasource.EMBEDDED_MARKER} says this base dir was filled from it" in capsys.readouterr().out
+    monkeypatch.setenv("NANOCHAT_DATA", "")  # set, empty: download instead
+    assert not datasource.embedded_requested() and datasource.find_data(need) is None
 
 
 def test_bad_settings_are_named(tmp_path, monkeypatch):
@@ -79,7 +100,7 @@ def test_download_checks_content_retries_and_names_the_fix(base_dir):
 def test_the_embedded_sample_downloads_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA", "embedded")
     with FileServer({"f.bin": b"x"}) as server:
-        with pytest.raises(datasource.DownloadError, match="NANOCHAT_DATA=embedded downloads nothing"):
+        with pytest.raises(datasource.DownloadError, match=r"\(NANOCHAT_DATA=embedded\) downloads nothing: set NANOCHAT_DATA= "):
             datasource.download_once(f"{server.url}/f.bin", str(tmp_path / "f.bin"))
     assert server.requests == {}
 
@@ -89,8 +110,10 @@ def test_remove_temp_files_keeps_live_processes_files(base_dir):
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        names = {"dead": f"a.parquet.tmp{dead.pid}_7", "dead_dir": f"base_data.tmp{dead.pid}_7",
-                 "alive": f"b.parquet.tmp{alive.pid}_7", "mine": f"c.parquet.tmp{os.getpid()}_7",
+        assert temp_path(str(base_dir / "a.parquet")) == str(base_dir / f".a.parquet.{_host()}-{os.getpid()}.{threading.get_ident()}.tmp")
+        names = {"dead": f".a.parquet.{_host()}-{dead.pid}.7.tmp", "dead_dir": f".base_data.{_host()}-{dead.pid}.7.tmp",
+                 "alive": f".b.parquet.{_host()}-{alive.pid}.7.tmp", "mine": f".c.parquet.{_host()}-{os.getpid()}.7.tmp",
+                 "other_host": f".d.parquet.elsewhere-{dead.pid}.7.tmp",  # its pid means nothing here
                  "other": "notes.tmp", "shard": "shard_00000.parquet"}
         for key, name in names.items():
             if key == "dead_dir":
@@ -98,9 +121,9 @@ def test_remove_temp_files_keeps_live_processes_files(base_dir):
             else:
                 (base_dir / name).write_text(key)
         datasource.remove_temp_files(str(base_dir))
-        assert sorted(os.listdir(base_dir)) == sorted(names[k] for k in ["alive", "mine", "other", "shard"])
+        assert sorted(os.listdir(base_dir)) == sorted(names[k] for k in ["alive", "mine", "other_host", "other", "shard"])
         datasource.remove_temp_files(str(base_dir), stale_only=False)
-        assert sorted(os.listdir(base_dir)) == sorted(names[k] for k in ["alive", "other", "shard"])
+        assert sorted(os.listdir(base_dir)) == sorted(names[k] for k in ["alive", "other_host", "other", "shard"])
     finally:
         alive.kill()
         alive.wait()

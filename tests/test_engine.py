@@ -199,6 +199,7 @@ def test_single_token_prompt(gpt, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.slow
 def test_compiled_decode_step_matches_naive_generate_without_recompiling(tiny_tokenizer, device):
     """The compiled decode step (real torch.compile: inductor on CPU, CUDA graphs on GPU) is one graph for
     every position and every prompt: two generations of different lengths, crossing the sliding window,

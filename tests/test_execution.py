@@ -1,16 +1,20 @@
 """
-The contained code runner: every misbehaviour is contained and reported, nothing outside its temp dir
-is touched, no verdict can be forged, and no test can hang (each is bounded by pytest-timeout too).
-Every test runs twice: inside bubblewrap (skipped where it cannot run) and under the in-process guard alone.
+The contained code runner as a program sees it: every misbehaviour is contained and reported, nothing
+outside its temp dir is touched, a function passes its tests only by answering them, and no test can
+hang (each is bounded by pytest-timeout too). Every test runs twice: inside bubblewrap (skipped where it
+cannot run) and without it. The attacker's corpus is tests/test_execution_attacks.py.
 """
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -31,12 +35,15 @@ def isolation(request, monkeypatch):
 
 @pytest.fixture
 def sentinel(tmp_path):
-    """A file of the test's own, alone in its directory, that no executed code may change."""
-    path = tmp_path / "outside" / "sentinel.txt"
+    """A file of the test's own, alone in its directory, that no executed code may change. Not in /tmp when
+    /var/tmp can take it: bubblewrap gives the code a /tmp of its own, where the file would simply be absent."""
+    parent = Path(tempfile.mkdtemp(dir="/var/tmp" if os.access("/var/tmp", os.W_OK) else tmp_path))
+    path = parent / "outside" / "sentinel.txt"
     path.parent.mkdir()
     path.write_text("keep me")
     os.utime(path, (1_000_000_000, 1_000_000_000))
-    return path
+    yield path
+    shutil.rmtree(parent)
 
 
 def assert_sentinel_intact(sentinel):
@@ -131,7 +138,8 @@ def test_huge_allocation_is_contained():
         "os.mkdir", "shutil.copytree", "os.utime", "os.chmod(path=)", "sqlite3.connect", "os.open(dir_fd=)"])
 def test_files_outside_the_temp_dir_survive(code, sentinel):
     result = execute_code(code.format(path=sentinel, dir=sentinel.parent))
-    assert not result.success and "PermissionError" in result.error
+    # refused by the guard, or by the kernel: Landlock (PermissionError), bubblewrap's read-only mount
+    assert not result.success and ("PermissionError" in result.error or "Read-only file system" in result.error)
     assert_sentinel_intact(sentinel)
 
 
@@ -196,7 +204,7 @@ def test_no_network():
         server.close()
 
 
-@pytest.mark.parametrize("code", ["import sys\nsys.exit(0)", "import sys\nsys.exit('bye')", "exit()", "quit(3)"])
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(0)", "import sys\nsys.exit('bye')", "exit()", "quit(3)", "import os\nos._exit(0)"])
 def test_exit_is_an_error_not_a_crash(code):
     result = execute_code("print('before')\n" + code)
     assert not result.success and result.error
@@ -216,68 +224,6 @@ def test_no_new_processes(code):
     result = execute_code(code, timeout=2.0)
     assert not result.success and not result.timeout
     assert "PermissionError" in result.error
-
-
-@pytest.mark.parametrize("code", [
-    "import os, posix\nposix.kill(os.getppid(), 9)",
-    "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)",
-], ids=["posix.kill", "pidfd"])
-def test_the_caller_cannot_be_killed(code):
-    # in a process of its own: killing the caller must not take pytest down (it ended chat_eval with 137)
-    caller = ("import json, sys\nfrom nanochat.execution import execute_code\n"
-              "r = execute_code(sys.stdin.read())\nprint(json.dumps([r.success, r.error]))")
-    run = subprocess.run([sys.executable, "-c", caller], input=code, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
-    assert run.returncode == 0, run.stderr
-    success, error = json.loads(run.stdout)
-    assert not success and "PermissionError" in error
-
-
-FORGED = json.dumps({"stdout": "", "stderr": "", "error": None, "memory_exceeded": False})
-
-
-@pytest.mark.parametrize("code", [
-    # a success report written on every descriptor (the result pipe among them), then closed against the real one
-    f"import os\nfor fd in range(3, 32):\n    try:\n        os.write(fd, b'{FORGED}')\n        os.close(fd)\n"
-    f"    except OSError:\n        pass\nassert False",
-    # the harness's own serializer replaced
-    f"import json\njson.dumps = lambda *args, **kwargs: '{FORGED}'\nassert False",
-    # leaving early with a clean exit status
-    "import os\nprint('all tests passed')\nos._exit(0)\nassert False",
-    # waking the verdict thread before the program has ended
-    "import threading, time\nfor thread in threading.enumerate():\n    for arg in getattr(thread, '_args', ()):\n"
-    "        if hasattr(arg, 'release'):\n            try:\n                arg.release()\n            except RuntimeError:\n"
-    "                pass\ntime.sleep(0.2)\nassert False",
-], ids=["forged_report", "replaced_json_dumps", "os._exit(0)", "early_wake"])
-def test_a_failing_program_cannot_report_success(code):
-    result = execute_code(code)
-    assert not result.success and result.error
-
-
-def test_the_verdict_nonce_is_out_of_reach():
-    attempts = {
-        "sys._current_frames": "sys._current_frames()",
-        "gc.get_objects": "gc.get_objects()",
-        "gc.get_referrers": "gc.get_referrers(threading.enumerate()[-1])",
-        "sys.settrace": "sys.settrace(lambda *args: None)",
-        "/proc/self/mem": "open('/proc/self/mem', 'rb')",
-        "ctypes": "import ctypes",
-        "code objects": "(lambda: 0).__code__.replace(co_code=b'')",
-    }
-    code = "import gc, sys, threading\n" + "".join(
-        f"try:\n    {attempt}\n    print({name!r})\nexcept (PermissionError, ImportError):\n    pass\n" for name, attempt in attempts.items())
-    result = execute_code(code)
-    assert result.success, result.error
-    assert result.stdout == ""  # every route refused
-
-
-def test_bubblewrap_contains_code_that_defeats_the_guard(isolation, sentinel):
-    if isolation == "guard":
-        pytest.skip("the in-process guard alone does not claim to stop code that patches the interpreter")
-    # with os.path's abspath patched, every path looks inside the temp dir to the guard
-    code = f"import os, posixpath\nposixpath.abspath = lambda path: os.getcwd()\nopen('{sentinel}', 'w').write('overwritten')"
-    result = execute_code(code)
-    assert not result.success and "Read-only file system" in result.error
-    assert_sentinel_intact(sentinel)
 
 
 def test_limits_cannot_be_lifted_from_inside():
@@ -305,21 +251,92 @@ def test_output_is_truncated():
     assert len(result.stdout) < OUTPUT_LIMIT + 100 and len(result.stderr) < OUTPUT_LIMIT + 100
 
 
-def test_low_level_writes_cannot_corrupt_the_report():
+def test_low_level_writes_are_output_not_reports():
     result = execute_code("import os\nos.write(1, b'{not json')\nos.write(2, b'noise')\nprint('fine')")
-    assert result.success and result.stdout == "fine\n"
+    assert result.success
+    assert result.stdout == "{not jsonfine\n" and result.stderr == "noise"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # 164 problems, three interpreters each: about 40 s on 2 loaded cores
 def test_humaneval_canonical_solutions_pass():
-    from tasks.humaneval import HumanEval, build_program
+    from tasks.humaneval import HumanEval, program_and_tests
     task = HumanEval(data_dir=str(TEST_DATA))
 
     def passes(index):
         example = task.get_example(index)
-        return execute_code(build_program(example, example["messages"][1]["content"])).success
+        program, tests = program_and_tests(example, example["messages"][1]["content"])
+        return execute_code(program, timeout=10.0, tests=tests, entry_point=example["entry_point"]).success
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(passes, range(task.num_examples())))
     assert len(results) == 164 and all(results)
+
+
+# ------------------------------------------------------------------------------------------------
+# A function judged by tests that run in a process of their own
+
+ECHO = "def echo(*args, **kwargs):\n    return [args, kwargs]\n"
+
+
+def test_tests_call_the_function_with_plain_data():
+    values = [None, True, 0, -3, 2**80, 1.5, float("inf"), "text \u00e9\\n\"", b"\x00\xff", 1 + 2j, [1, [2]], (1, (2,)),
+              {"a": 1, 2: (3,), (4, 5): None}, {1, 2}, frozenset({"x"})]
+    tests = (f"inf = float('inf')\nVALUES = {values!r}\n"
+             "def check(candidate):\n"
+             "    args, kwargs = candidate(*VALUES, key=VALUES)\n"
+             "    assert [type(v) for v in args] == [type(v) for v in VALUES] and args == tuple(VALUES)\n"
+             "    assert kwargs == {'key': VALUES} and type(kwargs['key'][11]) is tuple\n"
+             "    assert echo(1) == [(1,), {}]\n")  # the function's own name, in the tests, calls the program's too
+    result = execute_code(ECHO, tests=tests, entry_point="echo")
+    assert result.success, result.stderr
+
+
+@pytest.mark.parametrize("program, error", [
+    ("def f(x):\n    return x + 1\n", "AssertionError"),
+    ("def f(x):\n    return 1 / 0\n", "ProgramError: the program raised ZeroDivisionError: division by zero"),
+    ("def f(x):\n    return (i for i in [x])\n", "cannot pass between the program and its tests"),
+    ("class Equal:\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return Equal()\n", "plain data only"),
+    ("def f(x):\n    import sys\n    sys.exit(0)\n", "SystemExit"),
+    ("def g(x):\n    return x\n", "AttributeError"),
+    ("def f(x):\n    return x\nraise ValueError('at import')\n", "the program failed: ValueError: at import"),
+    ("def f(x) return x", "the program failed: SyntaxError"),
+], ids=["wrong", "raises", "generator", "always_equal", "exit", "no_entry_point", "import_fails", "syntax_error"])
+def test_a_function_passes_only_by_answering_right(program, error):
+    result = execute_code(program, tests="def check(candidate):\n    assert candidate(1) == 1\n", entry_point="f")
+    assert not result.success and not result.timeout
+    assert error in result.error
+
+
+def test_a_program_that_fails_to_load_fails_even_vacuous_tests():
+    result = execute_code("def f():\n    pass\nassert False\n", tests="def check(candidate):\n    pass\n", entry_point="f")
+    assert not result.success and result.error == "the program failed: AssertionError"
+
+
+def test_the_function_s_output_and_the_tests_failure_are_reported():
+    program = "def f(x):\n    print('called with', x)\n    return x\n"
+    result = execute_code(program, tests="def check(candidate):\n    assert candidate(1) == 2, 'one is not two'\n", entry_point="f")
+    assert not result.success and result.error == "AssertionError: one is not two"
+    assert result.stdout == "called with 1\n"
+    assert 'File "<tests>", line 2, in check' in result.stderr and "assert candidate(1) == 2" in result.stderr
+
+
+def test_a_hanging_function_times_out():
+    start = time.time()
+    result = execute_code("def f(x):\n    while True:\n        pass\n", timeout=1.0,
+                          tests="def check(candidate):\n    candidate(1)\n", entry_point="f")
+    assert not result.success and result.timeout
+    assert time.time() - start < 1.0 + STARTUP_ALLOWANCE + 5
+
+
+def test_a_function_out_of_memory_is_reported():
+    result = execute_code("def f(x):\n    return bytearray(2 * 1024**3)\n", maximum_memory_bytes=256 * 1024**2,
+                          tests="def check(candidate):\n    candidate(1)\n", entry_point="f")
+    assert not result.success and result.memory_exceeded
+
+
+def test_tests_need_an_entry_point():
+    with pytest.raises(ValueError):
+        execute_code("pass", tests="def check(candidate):\n    pass\n")
 
 
 @pytest.fixture
@@ -345,4 +362,6 @@ def test_falls_back_to_the_guard_with_one_warning(isolation, bwrap_script, tmp_p
         results = [execute_code("print('still runs')") for _ in range(2)]
     assert all(r.success and r.stdout == "still runs\n" for r in results)
     assert len(caplog.records) == 1
-    assert ("No permissions to create a new namespace" if bwrap_script else "not found") in caplog.records[0].getMessage()
+    message = caplog.records[0].getMessage()
+    assert ("No permissions to create a new namespace" if bwrap_script else "not installed") in message
+    assert "stops accidents, not code written to escape" in message

@@ -15,7 +15,8 @@ import torch
 from conftest import REPO_ROOT, pretrain_texts
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import UserError
-from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.gpt import build_gpt
+from helpers import tiny_config
 from scripts import export_hf
 
 transformers = pytest.importorskip("transformers", reason="the export needs the [hf] extra: pip install -e '.[hf]'")
@@ -30,8 +31,8 @@ def random_model(vocab_size, january=False):
     """A 4-layer model with GQA, value embeddings on layers 1 and 3, a short (16) and a long (64) window, every 2026
     architecture field off its January value (smear and backout on; january=True: the config of a checkpoint that
     predates them), and every parameter moved off its init (zero projections, gates, lambdas would hide mistakes)."""
-    config = GPTConfig(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SL", **({} if january else RECIPE_2026))
+    config = tiny_config(sequence_len=SEQUENCE_LEN, vocab_size=vocab_size, n_layer=4, n_head=4, window_pattern="SL",
+                         **({} if january else RECIPE_2026))
     torch.manual_seed(0)
     model = build_gpt(config, "cpu")
     with torch.no_grad():
@@ -69,6 +70,9 @@ def test_export_folder_stands_alone(exported):
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanochatForCausalLM"
     assert config["window_sizes"] == [16, 64, 16, 64] and config["value_embed_layers"] == [1, 3]
     assert config["smear"] and config["backout"] and config["qk_scale"] == 1.2 and config["ve_gate_channels"] == 12
+    hf_model, hf_tokenizer = exported[2:4]
+    assert hf_model.config.max_position_embeddings == SEQUENCE_LEN  # the training context, as clients read it
+    assert hf_tokenizer.pad_token == "<|assistant_end|>" and hf_tokenizer.padding_side == "left"
 
 
 def test_weights_round_trip_exactly(exported):
@@ -88,6 +92,7 @@ def test_logits_match(exported):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_cached_chunks_match_one_pass(exported):
     """Prefill in two chunks, then single tokens, through the cache (windows, positions, smear's carried
     embedding at each chunk's first token) gives the logits of one pass over the whole sequence."""
@@ -103,6 +108,7 @@ def test_cached_chunks_match_one_pass(exported):
     assert (full - torch.cat(chunks, dim=1)).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches(exported):
     """32 greedy tokens after a 40-token prompt (past every window and past sequence_len) with transformers'
     generate and its KV cache, for two rows at once, equal our naive generation token for token."""
@@ -114,6 +120,104 @@ def test_greedy_generation_matches(exported):
         assert generated[row, 40:].tolist() == ours
 
 
+def padded_batch(rows, pad_id, side):
+    """Rows of different lengths padded to one (B, L) batch on the given side -> (ids, attention_mask, slices)."""
+    L = max(len(row) for row in rows)
+    ids, mask = torch.full((len(rows), L), pad_id), torch.zeros(len(rows), L, dtype=torch.long)
+    slices = [slice(L - len(row), L) if side == "left" else slice(0, len(row)) for row in rows]
+    for i, (row, where) in enumerate(zip(rows, slices)):
+        ids[i, where], mask[i, where] = torch.tensor(row), 1
+    return ids, mask, slices
+
+
+def random_rows(vocab_size, lengths, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_each_row_alone(exported, side):
+    """Rows of 60, 35, 17 and 1 tokens padded to one batch: each row's logits are those of the row alone, so no
+    real token sees a pad (the pad id's embedding would be smear's "previous token" of a left-padded row's first
+    token), and windows are measured over real tokens only."""
+    model, _, hf_model, hf_tokenizer, _ = exported
+    rows = random_rows(model.config.vocab_size, [60, 35, 17, 1], seed=6)
+    ids, mask, slices = padded_batch(rows, hf_tokenizer.pad_token_id, side)
+    with torch.no_grad():
+        logits = hf_model(ids, attention_mask=mask).logits
+        for row, where, row_logits in zip(rows, slices, logits):
+            assert (row_logits[where] - model(torch.tensor([row]))[0]).abs().max().item() < 1e-4
+        assert torch.isfinite(logits).all()  # pad positions too: a NaN there would spread through the values
+
+
+def test_padding_between_cached_chunks(exported):
+    """A right-padded first chunk, then more tokens through the cache: the pads sit between each row's real
+    tokens, and the continuation's logits are still those of the row alone (positions, windows and smear's
+    carried embedding skip the pads)."""
+    model, _, hf_model, hf_tokenizer, _ = exported
+    vocab_size = model.config.vocab_size
+    prompts = random_rows(vocab_size, [30, 12, 3], seed=7)
+    continuation = torch.randint(0, vocab_size, (3, 20), generator=torch.Generator().manual_seed(8))
+    ids, mask, _ = padded_batch(prompts, hf_tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        cache = hf_model(ids, attention_mask=mask, use_cache=True).cache
+        mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
+        logits = hf_model(continuation, attention_mask=mask, cache=cache, use_cache=True).logits
+        for prompt, new, row_logits in zip(prompts, continuation.tolist(), logits):
+            alone = model(torch.tensor([prompt + new]))[0, len(prompt):]
+            assert (row_logits - alone).abs().max().item() < 1e-4
+
+
+def test_rotary_positions_start_at_each_rows_first_real_token(exported, monkeypatch):
+    """Scores depend on relative positions only, up to the rounding of the bf16 rotary tables, so the logits
+    alone would hardly show a shifted row: check the positions the rotary embedding gets."""
+    model, _, hf_model, hf_tokenizer, _ = exported
+    modeling = sys.modules[type(hf_model).__module__]
+    seen = []
+    rotary_cos_sin = modeling.rotary_cos_sin
+    monkeypatch.setattr(modeling, "rotary_cos_sin", lambda positions, *args: (seen.append(positions),
+                                                                               rotary_cos_sin(positions, *args))[1])
+    ids, mask, slices = padded_batch(random_rows(model.config.vocab_size, [9, 4], seed=9), 0, "left")
+    with torch.no_grad():
+        cache = hf_model(ids, attention_mask=mask, use_cache=True).cache
+        hf_model(ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1),
+                 cache=cache, use_cache=True)
+    prefill, step = seen
+    assert prefill[0].tolist() == list(range(9)) and prefill[1, slices[1]].tolist() == list(range(4))
+    assert step.tolist() == [[9], [4]]
+
+
+def test_left_padded_generate_matches_one_prompt_at_a_time(exported):
+    """Prompts of 40, 25, 10 and 3 tokens, left-padded by the exported tokenizer, 32 greedy tokens each through
+    generate's KV cache (past every window): each row equals our naive generation of its prompt alone."""
+    model, _, hf_model, hf_tokenizer, _ = exported
+    prompts = random_rows(model.config.vocab_size, [40, 25, 10, 3], seed=10)
+    batch = hf_tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+    assert batch["attention_mask"][:, 0].tolist() == [1, 0, 0, 0]  # padded on the left
+    generated = hf_model.generate(**batch, max_new_tokens=32, do_sample=False)
+    for row, prompt in enumerate(prompts):
+        assert generated[row, 40:].tolist() == list(model.generate(prompt, max_tokens=32, temperature=0))
+
+
+def test_pipeline_batches_like_one_prompt_at_a_time(exported):
+    """transformers' text-generation pipeline with batch_size=8 (it pads the batch) writes what it writes for
+    each prompt alone."""
+    _, _, hf_model, hf_tokenizer, _ = exported
+    prompts = ["Hello", "The history of the city begins in", "A", "It was", "Numbers: 1, 2, 3,", "x" * 30,
+               "Why is the sky blue?", "In 1492 the ships"]
+    pipe = transformers.pipeline("text-generation", model=hf_model, tokenizer=hf_tokenizer, device="cpu")
+    settings = dict(max_new_tokens=16, do_sample=False, return_full_text=False)
+    batched = pipe(prompts, batch_size=8, **settings)
+    assert [out[0]["generated_text"] for out in batched] == [pipe(p, **settings)[0]["generated_text"] for p in prompts]
+
+
+def test_positions_come_from_the_mask_only(exported):
+    _, _, hf_model, _, _ = exported
+    with pytest.raises(ValueError, match="leave position_ids out"):
+        hf_model(torch.zeros(1, 3, dtype=torch.long), position_ids=torch.arange(3)[None])
+
+
+@pytest.mark.slow
 def test_beam_search_cache_follows_the_beams(exported):
     """Beam search reorders the cache rows (and smear's carried embedding) as beams swap: each returned beam's
     score must be the sum of its tokens' log-probabilities under one uncached forward pass."""
@@ -235,6 +339,7 @@ def run_export(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
     """A checkpoint whose saved config predates the 2026 fields exports with their January values."""
     model = random_model(tiny_tokenizer.get_vocab_size(), january=True)
@@ -252,6 +357,7 @@ def test_cli_exports_a_january_checkpoint(tiny_tokenizer, base_dir, tmp_path):
         assert (model(ids) - hf_model(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_cli_refuses_unknown_config_field_in_one_line(tiny_tokenizer, base_dir, tmp_path):
     model = random_model(tiny_tokenizer.get_vocab_size())
     save_base_checkpoint(base_dir, model, tiny_tokenizer, {**dataclasses.asdict(model.config), "mystery_gate": True})

@@ -14,7 +14,8 @@ from torch._dynamo.utils import counters
 
 from nanochat.fp8 import (E4M3, E5M2, Float8Linear, check_fp8_supported, convert_to_fp8, fp8_scale, from_fp8,
                           to_fp8)
-from nanochat.gpt import GPTConfig, build_gpt
+from nanochat.gpt import build_gpt
+from helpers import tiny_config
 
 FP8_DTYPES = [E4M3, E5M2]
 
@@ -192,7 +193,7 @@ def test_compiled_fp8_linear_is_one_graph_without_breaks():
 
 def small_gpt():
     # width 128 with one 64-wide kv head: c_k and c_v (128 -> 64) and ve_gate (32 -> 1) stay below 128
-    config = GPTConfig(sequence_len=32, vocab_size=200, n_layer=2, n_head=2, n_kv_head=1, n_embd=128)
+    config = tiny_config(vocab_size=200, n_kv_head=1, n_embd=128, window_pattern="SSSL")
     torch.manual_seed(0)
     model = build_gpt(config, "cpu")
     with torch.no_grad():  # non-zero output projections, so every layer shapes the logits

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig, Linear, build_gpt, config_for_depth
 from nanochat.optim import MuonAdamW
 
+import helpers
 from conftest import CountHostReads, run_torchrun
 
 
@@ -25,9 +26,7 @@ def single_thread():
 
 def tiny_config(**overrides):
     # vocab 100 pads to 128 (cropping matters); n_kv_head < n_head (GQA); seq 32 -> S windows of 16
-    fields = dict(sequence_len=32, vocab_size=100, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL")
-    fields.update(overrides)
-    return GPTConfig(**fields)
+    return helpers.tiny_config(**{"vocab_size": 100, "n_layer": 4, "n_head": 4, "window_pattern": "SSSL", **overrides})
 
 
 # Every architecture field at its 2026 value (config_for_depth's), short_window 8 of the 32-token context.
@@ -192,6 +191,7 @@ def test_one_layer_model_takes_the_first_layer_scalars():
     assert torch.isfinite(model(random_tokens(model.config, 1, 8))).all()
 
 
+@pytest.mark.slow
 def test_config_for_depth_is_the_2026_architecture():
     config = config_for_depth(20, vocab_size=32768, sequence_len=2048)
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (20, 1280, 10, 10)
@@ -410,11 +410,12 @@ def test_setup_optimizer_groups():
 DIST_SCRIPT = """
 import torch, torch.distributed as dist
 from nanochat.common import compute_init, compute_cleanup
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat.optim import DistMuonAdamW
+from helpers import tiny_config
 ddp, rank, _, world_size, device = compute_init("cpu")
 torch.manual_seed(0)
-model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, smear=True, backout=True))
+model = GPT(tiny_config(sequence_len=16, window_pattern="SSSL", smear=True, backout=True))
 model.init_weights()
 optimizer = model.setup_optimizer()
 assert isinstance(optimizer, DistMuonAdamW), type(optimizer)

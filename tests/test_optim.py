@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, run_torchrun
+from helpers import tiny_config
 from nanochat.common import UserError
 from nanochat.optim import (
     DistMuonAdamW,
@@ -280,11 +281,12 @@ def test_disabled_grad_scaler_is_a_pass_through():
     assert all(torch.equal(p, q) for p, q in zip(params, reference))
 
 
+@pytest.mark.slow
 def test_fp16_training_with_the_scaler_learns(monkeypatch):
-    from nanochat.gpt import GPTConfig, build_gpt
+    from nanochat.gpt import build_gpt
     monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    config = tiny_config(window_pattern="SSSL")
     model = build_gpt(config, "cpu")
     optimizer, scaler = model.setup_optimizer(), GradScaler(enabled=True)
     idx = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))

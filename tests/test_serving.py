@@ -1,9 +1,9 @@
-"""Continuous batching (BatchScheduler) against lone generation, per-row tools, leaving, errors; stop sequences."""
+"""Continuous batching (BatchScheduler) against lone generation, per-row tools, leaving, errors; stop sequences; long chats."""
 import pytest
 import torch
 
 from nanochat.engine import Engine
-from nanochat.serving import BatchScheduler, Generation, StopText
+from nanochat.serving import BatchScheduler, Generation, StopText, fit_conversation
 from helpers import MockConfig, make_gpt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -191,21 +191,91 @@ def test_a_failed_forward_ends_the_batch_not_the_worker(tiny_tokenizer):
 
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stops", [["END"], ["\n\n", "###"], ["aaa"], ["xyz"], []])
+def reference_stop_cut(text, stops):
+    """-> (what a client gets, stopped): read the text as it grows; the first time it ends with a stop sequence,
+    cut it where that sequence starts (of several ending there, the longest)."""
+    for end in range(1, len(text) + 1):
+        ending = [len(s) for s in stops if s and text[:end].endswith(s)]
+        if ending:
+            return text[:end - max(ending)], True
+    return text, False
+
+
+def stream_through_stop_text(pieces, stops):
+    """-> (text sent, stopped) when the pieces are pushed one by one, checking what is held back on the way."""
+    stop_text, sent = StopText(stops), ""
+    longest = max((len(s) for s in stops), default=0)
+    for piece in pieces:
+        sent += stop_text.push(piece)
+        assert len(stop_text.held) <= max(longest - 1, 0)  # only a possible start of a stop sequence waits
+        if stop_text.stopped:
+            return sent, True
+    return sent + stop_text.flush(), False
+
+
+def random_pieces(text, generator, num_cuts=8):
+    bounds = sorted(torch.randint(0, len(text) + 1, (num_cuts,), generator=generator).tolist())
+    return [text[a:b] for a, b in zip([0] + bounds, bounds + [len(text)])]
+
+
+@pytest.mark.parametrize("stops", [["END"], ["\n\n", "###"], ["aaa"], ["xyz"], [], ["more", "e a"], ["", "###"]])
 def test_stop_text_cuts_at_the_first_stop_whatever_the_pieces(stops):
     text = "Some answer.\n\nMore text ### and aaaa then END and more"
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[:min(cuts)] if cuts else text  # the reference: cut the whole text at once
+    expected = reference_stop_cut(text, stops)
     generator = torch.Generator().manual_seed(len(stops))
     for _ in range(20):
-        bounds = sorted(torch.randint(0, len(text), (8,), generator=generator).tolist())
-        pieces = [text[a:b] for a, b in zip([0] + bounds, bounds + [len(text)])]
-        stop_text, sent = StopText(stops), ""
-        for piece in pieces:
-            sent += stop_text.push(piece)
-            assert expected.startswith(sent)  # nothing past (or part of) a stop sequence is ever sent
-            if stop_text.stopped:
-                break
-        if not stop_text.stopped:
-            sent += stop_text.flush()
-        assert sent == expected and stop_text.stopped == bool(cuts)
+        assert stream_through_stop_text(random_pieces(text, generator), stops) == expected
+
+
+def test_stop_text_agrees_with_the_reference_on_overlapping_stops():
+    """Texts and stops over a two-letter alphabet: stops that overlap themselves and each other (where a matcher
+    must fall back correctly), pieces cut anywhere, one character at a time, and all at once."""
+    generator = torch.Generator().manual_seed(0)
+
+    def word(length):
+        return "".join("ab"[i] for i in torch.randint(0, 2, (length,), generator=generator).tolist())
+
+    for case in range(300):
+        text = word(int(torch.randint(0, 40, (1,), generator=generator)))
+        stops = [word(int(torch.randint(1, 7, (1,), generator=generator))) for _ in range(case % 4 + 1)]
+        expected = reference_stop_cut(text, stops)
+        for pieces in (random_pieces(text, generator), list(text), [text]):
+            assert stream_through_stop_text(pieces, stops) == expected, (text, stops, pieces)
+    assert stream_through_stop_text(["xabcd"], ["abcd", "bc"]) == ("xa", True)  # "bc" is complete first
+    assert stream_through_stop_text(["xab", "cd"], ["abc", "bc"]) == ("x", True)  # both end at "c": the longer
+
+
+# -------------------------------------------------------------------------------------------------
+
+def test_a_long_chat_keeps_going_by_dropping_its_oldest_exchanges(tiny_tokenizer):
+    """25 turns with a real tiny model at a 64-token context: every prompt is what the chat format renders for the
+    kept messages, which are the system message and the newest turns, as many as leave the reply its room."""
+    context, room = 64, 64 // 4
+    engine = Engine(make_gpt(tiny_tokenizer.get_vocab_size(), sequence_len=context), tiny_tokenizer)
+    system = {"role": "system", "content": "Be brief."}
+    turns, num_dropped = [], []
+
+    def rendered(messages):
+        return tiny_tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+
+    for i in range(25):
+        turns.append({"role": "user", "content": f"Question {i}: and then?"})
+        prompt, kept = fit_conversation(tiny_tokenizer, [system] + turns, context)
+        assert kept[0] == system and kept[1:] == turns[len(turns) - len(kept) + 1:]  # the newest turns
+        assert prompt == rendered(kept)
+        assert len(prompt) + room <= context or len(kept) == 2  # room for the reply, or only the question is left
+        if len(kept) < len(turns) + 1:  # dropped: and one exchange fewer dropped would not have left the room
+            assert len(rendered([system] + turns[len(turns) - len(kept) - 1:])) + room > context
+        num_dropped.append(len(turns) + 1 - len(kept))
+        reply, _ = engine.generate_batch(prompt, max_tokens=room, temperature=0.0, seed=i)
+        turns.append({"role": "assistant", "content": tiny_tokenizer.decode(reply[0][len(prompt):])})
+    assert num_dropped[0] == 0 and num_dropped[-1] > 10 and num_dropped == sorted(num_dropped)
+
+    # a smaller max_tokens keeps more of the conversation; a last message that alone leaves no room is refused
+    recent = turns[-8:-1]  # user, assistant, ..., user
+    assert len(fit_conversation(tiny_tokenizer, recent, context, max_tokens=2)[1]) > \
+        len(fit_conversation(tiny_tokenizer, recent, context)[1])
+    with pytest.raises(ValueError, match="the last message with the system message is .* tokens but the model's context"):
+        fit_conversation(tiny_tokenizer, [system, {"role": "user", "content": "word " * 80}], context)
+    with pytest.raises(ValueError, match="expected 'assistant'"):  # what the chat format cannot render
+        fit_conversation(tiny_tokenizer, [turns[0], turns[0]], context)

@@ -137,6 +137,7 @@ def test_explicit_data_dir_and_missing_files(monkeypatch, tmp_path):
         GSM8K(split="test", data_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_hub_failure_names_the_offline_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))  # an empty tree: no local copy, so the hub is tried
     for make_task in [lambda: GSM8K(split="test"), lambda: ARC("ARC-Easy", "test"), lambda: MMLU("all", "test")]:
@@ -264,6 +265,7 @@ def test_mmlu_agrees_with_raw_files_and_is_shuffled():
     assert len({task[i]["subject"] for i in range(20)}) > 5  # a prefix is a mix of subjects, not one file
 
 
+@pytest.mark.slow
 def test_mmlu_auxiliary_train_offline_and_its_stand_in():
     with pytest.raises(RuntimeError, match="NANOCHAT_DATA_DIR"):
         MMLU("auxiliary_train", "train")

@@ -212,3 +212,26 @@ def test_chat_page_asks_once_for_the_key_of_a_guarded_server(tiny_tokenizer, bro
         browser.send("Page.navigate", url=f"{url}/?q=hi")
         browser.wait_for(DONE)
         assert browser.evaluate(key_asked) is False and not browser.evaluate(RENDERED)["error"]
+
+
+def test_chat_page_keeps_going_past_the_context(tiny_tokenizer, browser):
+    """A tiny real model with a 64-token context: after a few turns the server leaves the oldest messages out; the
+    page says so, shows them dimmed, stops sending them, and the chat goes on without an error."""
+    from helpers import make_gpt
+    from scripts.chat_web import create_app
+    model = make_gpt(tiny_tokenizer.get_vocab_size(), sequence_len=64)
+    with serve(create_app([(model, tiny_tokenizer)], max_tokens=12, temperature=0.0)) as url:
+        browser.send("Page.navigate", url=f"{url}/?q=hello")
+        browser.wait_for(DONE)
+        for i in range(5):
+            browser.evaluate(f"document.getElementById('input').value = 'Tell me about thing {i}'; "
+                             "document.getElementById('send').click()")
+            browser.wait_for(f"{DONE} && document.querySelectorAll('.message').length === {2 * i + 4}")
+        page = browser.evaluate("""({
+            unseen: document.querySelectorAll('.message.unseen').length, firstSent,
+            notes: [...document.querySelectorAll('.note')].map(e => e.textContent),
+            sent: requestBody().messages.length, total: conversation.length,
+            firstSentIsUser: conversation[firstSent].role === 'user', error: !!document.querySelector('.error')})""")
+    assert page["firstSent"] > 0 and page["unseen"] == page["firstSent"] and page["firstSentIsUser"]
+    assert page["notes"] == ["The messages above no longer fit the model's context: it does not see them anymore."]
+    assert page["sent"] == page["total"] - page["firstSent"] and not page["error"]

@@ -72,7 +72,9 @@ class NanochatConfig(PretrainedConfig):
         self.smear_gate_channels = smear_gate_channels
         self.backout = backout
         self.backout_layer = backout_layer if backout_layer is not None else n_layer // 2
-        self.max_position_embeddings = self.rotary_length
+        # what clients read as the context (lm-eval's window, pipelines' limits): the one the model was trained on;
+        # positions run on to rotary_length, as in nanochat, for generations that go past it
+        self.max_position_embeddings = sequence_len
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

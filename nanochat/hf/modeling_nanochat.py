@@ -13,9 +13,13 @@ A nanochat model in Hugging Face transformers: the same math as nanochat's gpt.p
 
 The parameter names are nanochat's own, so the safetensors file holds exactly the trained state dict.
 Generation keeps every key and value in a transformers DynamicCache and applies the windows as masks; the
-cache also carries the last token's embedding, which smear needs at the next step (beam search reorders it
-with the cache; assisted decoding, which crops the cache, would leave it stale). Batches must be unpadded
-(rows of equal length).
+cache also carries each row's last real token embedding, which smear needs at the next step (beam search
+reorders it with the cache; assisted decoding, which crops the cache, would leave it stale).
+
+Padding: attention_mask (B, past + T) marks each row's real tokens, wherever the pads sit (left, right or
+between chunks). A row computes exactly what it computes alone: its positions count its real tokens only (the
+first one is position 0), windows are measured in those positions, no real token attends to a pad, and smear's
+"previous token" is the previous real one. position_ids are derived from the mask, never taken as given.
 """
 
 import torch
@@ -37,11 +41,11 @@ def norm(x):
 
 
 def rotary_cos_sin(positions, head_dim, base):
-    """cos, sin of shape (1, T, 1, head_dim / 2) for absolute positions (T,)."""
+    """cos, sin of shape (B, T, 1, head_dim / 2) for the absolute positions (B, T) of each row's tokens."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     # nanochat keeps its rotary tables in bf16: rounding the same way gives the trained model's exact angles
-    return angles.cos().bfloat16()[None, :, None, :], angles.sin().bfloat16()[None, :, None, :]
+    return angles.cos().bfloat16()[:, :, None, :], angles.sin().bfloat16()[:, :, None, :]
 
 
 def apply_rotary(x, cos, sin):
@@ -52,11 +56,32 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
 
 
-def window_mask(query_positions, num_keys, window, device):
-    """(T, S) bool, True where query i may attend key j: i - window <= j <= i (keys are positions 0 .. S-1)."""
-    keys = torch.arange(num_keys, device=device)[None, :]
-    queries = query_positions[:, None]
-    return (keys <= queries) & (keys >= queries - window)
+def token_positions(attention_mask):
+    """(B, S) mask of real tokens -> (B, S) positions: a row's real tokens count 0, 1, 2, ...; a pad gets the
+    position of the real token before it (0 before any), which no real token ever looks at."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def attention_masks(attention_mask, positions, num_queries, windows):
+    """
+    -> {window: (B, 1, T, S) bool}: the last T of the S tokens attend, True where query i may see key j: j is a
+    real token at or before i (in the sequence) whose position is within the window, q - window <= k <= q. A pad
+    query sees itself alone: a row of a softmax with nothing to attend would be NaN, and 0 * NaN leaks NaN into
+    real rows through the values.
+    """
+    S = attention_mask.size(1)
+    key_index = torch.arange(S, device=attention_mask.device)
+    query_index = key_index[S - num_queries:]
+    causal = key_index[None, :] <= query_index[:, None]  # (T, S)
+    key_real = attention_mask.bool()[:, None, :]  # (B, 1, S)
+    key_pos, query_pos = positions[:, None, :], positions[:, S - num_queries:, None]  # (B, 1, S), (B, T, 1)
+    itself = (key_index[None, :] == query_index[:, None])[None]  # (1, T, S)
+    query_pad = ~attention_mask.bool()[:, S - num_queries:, None]  # (B, T, 1)
+    masks = {}
+    for w in windows:
+        visible = causal & key_real & (key_pos >= query_pos - w)
+        masks[w] = (visible | (itself & query_pad))[:, None]
+    return masks
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,24 +168,40 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def smear(self, x, cache):
-        """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :channels])) * x[t-1]; the first token has no x[t-1]."""
-        previous = getattr(cache, "smear_previous_embedding", None) if cache is not None else None
-        if previous is None:
-            previous = torch.zeros_like(x[:, :1])
-        if cache is not None:
-            cache.smear_previous_embedding = x[:, -1:]  # the next chunk's first token mixes in this one
+    def smear(self, x, real, cache):
+        """
+        x[t] += smear_lambda * sigmoid(smear_gate(x[t, :channels])) * x[p], p the real token before t; zeros when
+        there is none (a row's first real token). real (B, T) marks this chunk's real tokens. The cache carries
+        each row's last real embedding to the next chunk (zeros before any: normed embeddings are never zero).
+        """
+        B, T, C = x.shape
+        carried = getattr(cache, "smear_previous_embedding", None) if cache is not None else None
+        if carried is None:
+            carried = x.new_zeros(B, 1, C)
+        # index in [carried, x[0], ..., x[T-1]] of the last real token before each t (0: the carried one)
+        index = torch.arange(1, T + 1, device=x.device).expand(B, T)
+        last_real = torch.where(real, index, 0).cummax(dim=1).values  # up to and including t
+        before = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)
+        candidates = torch.cat([carried, x], dim=1)
+        previous = candidates.gather(1, before[..., None].expand(B, T, C))
+        if cache is not None:  # the next chunk's first real token mixes in this chunk's last real one
+            cache.smear_previous_embedding = candidates.gather(1, last_real[:, -1:, None].expand(B, 1, C))
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.config.smear_gate_channels]))
-        return x + gate * torch.cat([previous, x[:, :-1]], dim=1)
+        return x + gate * previous
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        """input_ids (B, T) -> logits (B, T, vocab_size) in fp32 (the last logits_to_keep positions if > 0)."""
+    def forward(self, input_ids=None, attention_mask=None, cache=None, past_key_values=None, labels=None,
+                use_cache=None, logits_to_keep=0, **kwargs):
+        """
+        input_ids (B, T) -> logits (B, T, vocab_size) in fp32 (the last logits_to_keep positions if > 0).
+        attention_mask (B, past + T): 1 on real tokens, 0 on padding (default: all real).
+        """
         config = self.config
+        # position_ids is no parameter, so generate() does not make it: windows need the positions of the cached
+        # keys too, and the mask is their one source
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("This nanochat export derives positions from attention_mask (a row's first real token "
+                             "is position 0): leave position_ids out")
         cache = cache if cache is not None else past_key_values
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("This nanochat export runs unpadded batches only: give rows of equal length "
-                             "(or one prompt at a time) without padding")
         use_cache = use_cache if use_cache is not None else config.use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
@@ -169,14 +210,19 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         if past + T > config.rotary_length:
             raise ValueError(f"Position {past + T} is beyond the {config.rotary_length} positions this model's rotary "
                              f"embeddings cover; use a shorter context")
-        positions = torch.arange(past, past + T, device=input_ids.device)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be (batch, cached + new tokens) = {(B, past + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        positions = token_positions(attention_mask)
         head_dim = config.n_embd // config.n_head
-        cos, sin = rotary_cos_sin(positions, head_dim, config.rotary_base)
-        masks = {w: window_mask(positions, past + T, w, input_ids.device) for w in set(config.window_sizes)}
+        cos, sin = rotary_cos_sin(positions[:, past:], head_dim, config.rotary_base)
+        masks = attention_masks(attention_mask, positions, T, set(config.window_sizes))
 
         x = norm(self.transformer.wte(input_ids))
         if config.smear:
-            x = self.smear(x, cache)
+            x = self.smear(x, attention_mask[:, past:].bool(), cache)
         x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
