@@ -12,6 +12,7 @@ import argparse
 from nanochat.checkpoint_manager import STAGE_DIRS, find_checkpoint, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, print_banner, positive
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.device_batch import auto_device_batch_size
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -24,10 +25,13 @@ parser = argparse.ArgumentParser(description="bpb on train/val and samples of a 
 add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
 parser.add_argument("--split-tokens", type=positive(int), default=None, help=f"tokens evaluated per split (default: "
                     f"{GPU_SPLIT_TOKENS:,} on a GPU, {CPU_SPLIT_TOKENS:,} elsewhere: ~15 s per split for a d4 model on 2 CPU cores)")
-parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass")
+parser.add_argument("--device-batch-size", type=int, default=-1,
+                    help="rows per forward pass (-1 = the largest that fits: found by trying on a GPU, 32 elsewhere)")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditioned samples to print")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
+if args.device_batch_size == 0 or args.device_batch_size < -1:
+    parser.error(f"--device-batch-size must be a number of rows or -1 (the largest that fits), got {args.device_batch_size}")
 
 print_banner()
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -37,12 +41,14 @@ token_bytes = get_token_bytes(device=device)
 seq_len = model.config.sequence_len
 
 # bpb on each split: the same number of tokens, read by all ranks in parallel
-tokens_per_step = args.device_batch_size * seq_len * world_size
+# any batch works for an evaluation: the largest power of two up to 128 rows that fits a forward
+device_batch_size = args.device_batch_size if args.device_batch_size > 0 else auto_device_batch_size(model, seq_len, 128, train=False)
+tokens_per_step = device_batch_size * seq_len * world_size
 split_tokens = args.split_tokens or (GPU_SPLIT_TOKENS if device.type == "cuda" else CPU_SPLIT_TOKENS)
 steps = max(1, split_tokens // tokens_per_step)
 bpb_results = {}
 for split in ("train", "val"):
-    batches = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, args.device_batch_size, seq_len, split, device=device)
+    batches = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, device_batch_size, seq_len, split, device=device)
     bpb_results[split] = evaluate_bpb(model, batches, steps, token_bytes)
     print0(f"{split} bpb: {bpb_results[split]:.4f} ({steps * tokens_per_step:,} tokens)")
 

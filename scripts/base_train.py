@@ -22,6 +22,7 @@ from nanochat.gpt import GPT, build_gpt, config_for_depth, check_config
 from nanochat.fp8 import check_fp8_supported, convert_to_fp8
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit
+from nanochat.device_batch import auto_device_batch_size
 from nanochat.optim import (get_lr_multiplier, get_muon_momentum, get_weight_decay, apply_schedules, GradScaler,
                             auto_batch_size, batch_lr_scale, transfer_weight_decay, REFERENCE_BATCH_SIZE)
 from nanochat.loss_eval import evaluate_bpb
@@ -43,7 +44,8 @@ parser.add_argument("--num-iterations", type=int, default=-1, help="explicit num
 parser.add_argument("--target-flops", type=float, default=-1.0, help="compute budget in FLOPs (-1 = use the data ratio)")
 parser.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens per scaling parameter (Chinchilla ~20)")
 # batch
-parser.add_argument("--device-batch-size", type=positive(int), default=32, help="rows per forward pass per device")
+parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per device (-1 = the largest "
+                    "that fits: found by trying on a GPU, 32 elsewhere; gradient accumulation keeps --total-batch-size)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = automatic)")
 # optimizer
 parser.add_argument("--embedding-lr", type=positive(float), default=0.3)
@@ -81,6 +83,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
         parser.error(f"--window-pattern must be a string of S and L, got {args.window_pattern!r}")
+    if args.device_batch_size == 0 or args.device_batch_size < -1:
+        parser.error(f"--device-batch-size must be a number of rows or -1 (the largest that fits), got {args.device_batch_size}")
     if args.total_batch_size == 0 or args.total_batch_size < -1:
         parser.error(f"--total-batch-size must be a number of tokens or -1 (automatic), got {args.total_batch_size}")
     if args.warmup_steps < 0 or not 0 <= args.warmdown_ratio <= 1:
@@ -140,7 +144,14 @@ def main(argv=None):
                f"{REFERENCE_BATCH_SIZE * (target_tokens / reference_tokens) ** 0.383:,.0f} -> 2^{round(math.log2(total_batch_size))}")
     else:
         total_batch_size = args.total_batch_size
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
+    if args.device_batch_size == -1:  # the rows of a step must split into whole forward passes
+        if total_batch_size % (args.max_seq_len * world_size):
+            parser.error(f"total batch size {total_batch_size} must be a multiple of max_seq_len * world_size = "
+                         f"{args.max_seq_len * world_size}: set --total-batch-size or --max-seq-len")
+        device_batch_size = auto_device_batch_size(model, args.max_seq_len, total_batch_size // (args.max_seq_len * world_size))
+    else:
+        device_batch_size = args.device_batch_size
+    tokens_per_fwdbwd = device_batch_size * args.max_seq_len
     world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
     if total_batch_size % world_tokens_per_fwdbwd != 0:
         parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
@@ -155,7 +166,7 @@ def main(argv=None):
         num_iterations = round(target_tokens / total_batch_size)
     num_iterations = max(num_iterations, 1)
     total_tokens = total_batch_size * num_iterations
-    print0(f"Batch: {total_batch_size:,} tokens/step = {args.device_batch_size} rows x {args.max_seq_len} x "
+    print0(f"Batch: {total_batch_size:,} tokens/step = {device_batch_size} rows x {args.max_seq_len} x "
            f"{world_size} ranks x {grad_accum_steps} accumulation steps")
     print0(f"Horizon: {num_iterations:,} steps, {total_tokens:,} tokens, {num_flops_per_token * total_tokens:e} FLOPs")
     resuming = args.resume_from_step != -1
@@ -177,9 +188,10 @@ def main(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
     if resuming:
         state = run.resume(checkpoint_dir, model, optimizer, scaler)
+        state.device_batch_size = device_batch_size
     else:
         state = run.state = RunState(model_config=asdict(config), user_config=run.user_config,
-                                     device_batch_size=args.device_batch_size, max_seq_len=args.max_seq_len,
+                                     device_batch_size=device_batch_size, max_seq_len=args.max_seq_len,
                                      # the batch size and LRs (batch-scaled) this run trains with: chat_sft continues with them
                                      resolved={"total_batch_size": total_batch_size, **lrs, "weight_decay": weight_decay})
 
@@ -188,12 +200,12 @@ def main(argv=None):
     # resumed run restarts it, so an interrupted-and-resumed run trains on the same data as an uninterrupted one.
     def make_train_loader(resume_state_dict=None):
         return tokenizing_distributed_data_loader_with_state_bos_bestfit(
-            tokenizer, args.device_batch_size, args.max_seq_len, split="train", device=device,
+            tokenizer, device_batch_size, args.max_seq_len, split="train", device=device,
             resume_state_dict=resume_state_dict)
 
     def make_val_batches():  # (x, y, loader state): evaluate_bpb reads (x, y)
         return tokenizing_distributed_data_loader_with_state_bos_bestfit(
-            tokenizer, args.device_batch_size, args.max_seq_len, split="val", device=device)
+            tokenizer, device_batch_size, args.max_seq_len, split="val", device=device)
 
     eval_steps = max(1, args.eval_tokens // world_tokens_per_fwdbwd)
     train_loader = make_train_loader(state.dataloader_state_dict)

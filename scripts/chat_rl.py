@@ -1,9 +1,10 @@
 """
-Reinforcement learning on GSM8K with a simplified GRPO: sample several answers per question, reward
-the correct ones, and push up the log-probability of answers that beat their siblings.
+Reinforcement learning on GSM8K (or your own questions) with a simplified GRPO: sample several answers per
+question, reward the correct ones, and push up the log-probability of answers that beat their siblings.
 
     python -m scripts.chat_rl --examples-per-step=4 --num-samples=4 --max-new-tokens=128   # CPU
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- -i sft
+    python -m scripts.chat_rl --task my_questions.jsonl   # {"question": ..., "answer": ...} per line (tasks/customjson.py)
 
 Simplifications of GRPO, each because it is not needed when every update is on fresh samples:
 on-policy (one update per batch of samples, so no importance ratio and no ratio clipping), no KL
@@ -30,13 +31,19 @@ from nanochat.chat_train import training_rows, group_advantages, policy_gradient
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.run import Run, RunState, StepMeter, add_run_flags, add_checkpoint_flags, check_resume_step, restore_process_state
+from tasks.customjson import CustomQA
 from tasks.gsm8k import GSM8K
 
 # -----------------------------------------------------------------------------
-parser = argparse.ArgumentParser(description="Simplified GRPO on GSM8K")
+parser = argparse.ArgumentParser(description="Simplified GRPO on GSM8K or your own questions")
 add_run_flags(parser)
 add_checkpoint_flags(parser, "sft", ["sft"])
-parser.add_argument("--num-epochs", type=positive(int), default=1, help="passes over the GSM8K train questions")
+parser.add_argument("--task", type=str, default=None, metavar="FILE.jsonl",
+                    help='your questions instead of GSM8K: {"question": ..., "answer": ...} per line; a numeric answer is '
+                         'graded by the last number in the reply, any other by exact match')
+parser.add_argument("--eval-task", type=str, default=None, metavar="FILE.jsonl",
+                    help="held-out questions for pass@k (default: GSM8K test; with --task, the first questions of --task)")
+parser.add_argument("--num-epochs", type=positive(int), default=1, help="passes over the train questions")
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps to train (-1 = --num-epochs passes)")
 parser.add_argument("--examples-per-step", type=positive(int), default=16, help="questions per optimizer step, all ranks")
 parser.add_argument("--num-samples", type=positive(int), default=16, help="sampled answers per question")
@@ -49,9 +56,9 @@ parser.add_argument("--unembedding-lr", type=positive(float), default=0.004)
 parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
 parser.add_argument("--init-lr-frac", type=positive(float), default=0.05, help="RL starts at this fraction of the base LRs")
 parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--eval-every", type=int, default=60, help="pass@k on GSM8K test every N steps and at the end (-1 = never, 0 = only at the end)")
+parser.add_argument("--eval-every", type=int, default=60, help="pass@k on the eval questions every N steps and at the end (-1 = never, 0 = only at the end)")
 parser.add_argument("--eval-examples", type=positive(int), default=None,
-                    help="GSM8K test questions per evaluation (default: 400 on a GPU, 20 elsewhere: sampling is slow on a CPU)")
+                    help="eval questions per evaluation (default: 400 on a GPU, 20 elsewhere: sampling is slow on a CPU)")
 parser.add_argument("--eval-samples", type=positive(int), default=4, help="k of pass@k: answers sampled per eval question")
 DEVICE_DEFAULTS = {"eval_examples": (400, 20)}
 
@@ -59,6 +66,16 @@ DEVICE_DEFAULTS = {"eval_examples": (400, 20)}
 @restore_process_state
 def main(argv=None):
     args = parser.parse_args(argv)
+    try:  # your questions are checked line by line before anything starts (a bad line: one error naming it)
+        for path in filter(None, (args.task, args.eval_task)):
+            if not os.path.isfile(path):
+                raise ValueError(f"{path}: no such file")
+        train_task = CustomQA(filepath=args.task) if args.task else GSM8K(subset="main", split="train")
+        val_task = CustomQA(filepath=args.eval_task) if args.eval_task else train_task if args.task else \
+            GSM8K(subset="main", split="test")
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    task_name = "GSM8K test" if not (args.task or args.eval_task) else os.path.basename(args.eval_task or args.task)
     run = Run(args, "nanochat-rl", DEVICE_DEFAULTS)
     device, rank, world_size = run.device, run.rank, run.world_size
     device_type = device.type
@@ -72,8 +89,8 @@ def main(argv=None):
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     scaler = GradScaler(enabled=get_compute_dtype(device_type) == torch.float16)
 
-    train_task = GSM8K(subset="main", split="train")
-    val_task = GSM8K(subset="main", split="test")
+    if args.task and not args.eval_task:
+        print0(f"Note: pass@k is measured on the first questions of {args.task}, which it also trains on (--eval-task FILE: held-out ones)")
     if args.examples_per_step % world_size != 0:
         parser.error(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of processes ({world_size})")
     examples_per_rank = args.examples_per_step // world_size
@@ -134,7 +151,7 @@ def main(argv=None):
         if run.due(args.eval_every, step, last_step):
             pass1, passk = evaluate_pass_at_k()
             state.val_pass_at_k = {"pass@1": pass1, f"pass@{args.eval_samples}": passk}
-            run.log(f"Step {step:05d} | GSM8K test pass@1 {100 * pass1:.2f}% | pass@{args.eval_samples} {100 * passk:.2f}%",
+            run.log(f"Step {step:05d} | {task_name} pass@1 {100 * pass1:.2f}% | pass@{args.eval_samples} {100 * passk:.2f}%",
                     step, **state.val_pass_at_k)
 
         if run.save_due(step, last_step):
@@ -188,7 +205,8 @@ def main(argv=None):
     run.report("Chat RL", {
         "Number of iterations": step,
         "DDP world size": world_size,
-        **{f"GSM8K test {k}": v for k, v in state.val_pass_at_k.items()},
+        **({"Task": args.task} if args.task else {}),
+        **{f"{task_name} {k}": v for k, v in state.val_pass_at_k.items()},
         "Total training time": format_duration(loop_state["total_training_time"]),
     })
     run.finish()

@@ -3,10 +3,12 @@ Supervised fine-tuning: turn a base model into a chat model, in one stage.
 
     python -m scripts.chat_sft                                        # from the latest base model
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft
+    python -m scripts.chat_sft --data my_chats.jsonl:3                # + your conversations, 3 passes per epoch
 
 Data: one shuffled mixture of conversations: general chat (SmolTalk), multiple choice (MMLU, 3 passes),
-math with calculator calls (GSM8K, 4 passes), who the model is (identity, 2 passes) and spelling. They
-are rendered in the chat format and best-fit packed into rows of max_seq_len + 1 tokens, each row
+math with calculator calls (GSM8K, 4 passes), who the model is (identity, 2 passes) and spelling, plus
+your own conversations (--data FILE.jsonl[:passes], one JSON list of messages per line; --data-only trains on
+those alone). They are rendered in the chat format and best-fit packed into rows of max_seq_len + 1 tokens, each row
 padded after its last whole conversation, none cropped (nanochat/chat_train.py). The loss is only on
 the tokens the assistant must produce, averaged over every such token of the optimizer step.
 The run continues the base run: tokens per step, the (batch-scaled) learning rates and, when saved for
@@ -21,6 +23,7 @@ The story: args -> init -> model -> optimizer -> data -> loop -> save.
 """
 
 import os
+import re
 import math
 import time
 import argparse
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from nanochat.common import print0, get_compute_dtype, synchronize, get_base_dir, get_max_memory_mb, format_duration, positive
 from nanochat.checkpoint_manager import find_checkpoint, load_model, STAGE_DIRS
 from nanochat.chat_train import conversation_batches, loss_normaliser, load_optimizer_state
+from nanochat.device_batch import auto_device_batch_size
 from nanochat.engine import Engine
 from nanochat.optim import get_lr_multiplier, get_muon_momentum, apply_schedules, GradScaler
 from nanochat.tokenizer import get_token_bytes
@@ -43,14 +47,15 @@ from tasks.chatcore import TASKS, evaluate_task, chatcore
 from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU, mmlu_training_set
 from tasks.gsm8k import GSM8K
-from tasks.customjson import CustomJSON, default_identity_path
+from tasks.customjson import CustomJSON, default_identity_path, parse_data_spec
 from tasks.spellingbee import SpellingBee, SimpleSpelling
 
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Fine-tune a base model on a mixture of conversations")
 add_run_flags(parser)
 add_checkpoint_flags(parser, "base", ["base"])
-parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per forward pass per device (-1 = the source run's)")
+parser.add_argument("--device-batch-size", type=int, default=-1,
+                    help="rows per forward pass per device (-1 = the source run's, else the largest that fits)")
 parser.add_argument("--max-seq-len", type=int, default=-1, help="tokens per row (-1 = the model's context)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = the source run's)")
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one pass over the mixture)")
@@ -66,21 +71,28 @@ parser.add_argument("--chatcore-max-cat", type=int, default=None,
 parser.add_argument("--chatcore-max-gen", type=int, default=None,
                     help="problems per generative task (-1 = all; default: 24 on a GPU, 8 elsewhere)")
 parser.add_argument("--max-examples-per-task", type=int, default=-1, help="cap every task at N examples (tiny runs)")
+parser.add_argument("--data", action="append", default=[], metavar="FILE.jsonl[:PASSES]",
+                    help="add your conversations to the mixture (one JSON list of messages per line), PASSES times per "
+                         "epoch (default 1); repeatable; every line is checked before training starts")
+parser.add_argument("--data-only", action="store_true", help="train on the --data conversations alone, without the mixture")
+parser.add_argument("--out-tag", type=str, default=None, help="checkpoint dir name of this run (default: the source's tag); "
+                    "e.g. a model tuned on your --data beside the pipeline's own")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1/0, -1 = on CUDA only")
 DEVICE_DEFAULTS = {"eval_tokens": (20 * 524288, 2**16), "chatcore_max_cat": (1000, 50), "chatcore_max_gen": (24, 8)}
 CHATCORE_MAX_NEW_TOKENS = 256  # room for a worked GSM8K answer; longer ones are cut and count as wrong
 PROGRESS_RESOLUTION = 1000  # the LR schedule runs on progress, in thousandths (see the loop)
 
 
-def training_mixture(max_examples_per_task):
-    """-> (train, val) mixtures of conversations, each task capped at max_examples_per_task (-1 = all)."""
+def training_mixture(max_examples_per_task, user_data=(), data_only=False):
+    """-> (train, val) mixtures of conversations, each task capped at max_examples_per_task (-1 = all).
+    user_data: [(task, passes)] of the --data files, added to the mixture (or, data_only, the whole of it)."""
     def capped(task):
         return first_examples(task, max_examples_per_task)
 
     identity_path = default_identity_path()
-    if not os.path.exists(identity_path):
+    if not data_only and not os.path.exists(identity_path):
         print0(f"Note: no identity conversations at {identity_path}; fine-tuning without them")
-    train_tasks = [
+    train_tasks = [] if data_only else [
         capped(SmolTalk(split="train")),  # general conversations
         *[capped(mmlu_training_set())] * 3,  # multiple choice, 3 passes (offline: a small local stand-in, it says so)
         *[capped(GSM8K(subset="main", split="train"))] * 4,  # math with calculator tool calls, 4 passes
@@ -88,6 +100,7 @@ def training_mixture(max_examples_per_task):
         capped(SimpleSpelling(size=200000, split="train")),  # spelling, so letters inside tokens become visible
         capped(SpellingBee(size=80000, split="train")),  # letter counting with a python tool call
     ]
+    train_tasks += [capped(task) for task, passes in user_data for _ in range(passes)]
     train_dataset = TaskMixture(train_tasks)
     val_dataset = TaskMixture([capped(SmolTalk(split="test")), capped(MMLU(subset="all", split="test", stop=5200)),
                                capped(GSM8K(subset="main", split="test", stop=420))])
@@ -101,6 +114,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.warmdown_ratio <= 1:
         parser.error(f"--warmdown-ratio must be in [0, 1], got {args.warmdown_ratio}")
+    if args.out_tag is not None and (not re.fullmatch(r"[\w.-]+", args.out_tag) or args.out_tag in (".", "..")):
+        parser.error(f"--out-tag must be a folder name (letters, digits, '_', '-', '.'), got {args.out_tag!r}")
+    if args.data_only and not args.data:
+        parser.error("--data-only needs at least one --data FILE.jsonl")
+    try:  # your conversations are checked line by line before anything starts (a bad line: one error naming it)
+        data_specs = [parse_data_spec(spec) for spec in args.data]
+        for path, _ in data_specs:
+            if not os.path.isfile(path):
+                raise ValueError(f"--data {path}: no such file")
+        user_data = [(CustomJSON(filepath=path), passes) for path, passes in data_specs]
+    except ValueError as e:
+        parser.error(str(e))
 
     # -------------------------------------------------------------------------
     run = Run(args, "nanochat-sft", DEVICE_DEFAULTS)
@@ -110,7 +135,7 @@ def main(argv=None):
     _, model_tag, source_step = find_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, source_meta = load_model(args.source, device, "train", model_tag, source_step)
     source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
-    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], model_tag)
+    checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], args.out_tag or model_tag)
     token_bytes = get_token_bytes(device=device)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model  # every row is T tokens: static shapes
@@ -121,11 +146,14 @@ def main(argv=None):
     if resolved is None:
         raise SystemExit(f"The {args.source} checkpoint in {source_dir} predates recording its batch size and LRs: add to its "
                          f"meta_{source_step:06d}.json a \"resolved\" entry (keys: docs/formats.md, Checkpoints)")
-    device_batch_size = args.device_batch_size if args.device_batch_size > 0 else source_meta.get("device_batch_size")
-    if device_batch_size is None:
-        parser.error(f"the checkpoint in {source_dir} does not record its device batch size: pass --device-batch-size")
     max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model.config.sequence_len
     total_batch_size = args.total_batch_size if args.total_batch_size > 0 else resolved["total_batch_size"]
+    rows_per_step = total_batch_size // (max_seq_len * world_size)
+    device_batch_size = args.device_batch_size
+    if device_batch_size <= 0:  # what fitted the base run at its length, else the largest that fits (found by trying)
+        device_batch_size = source_meta.get("device_batch_size")
+        if not device_batch_size or source_meta.get("max_seq_len", max_seq_len) != max_seq_len or rows_per_step % device_batch_size:
+            device_batch_size = auto_device_batch_size(model, max_seq_len, max(rows_per_step, 1))
     world_tokens_per_fwdbwd = device_batch_size * max_seq_len * world_size
     if total_batch_size % world_tokens_per_fwdbwd != 0:
         parser.error(f"total batch size {total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
@@ -162,7 +190,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # Data
-    train_dataset, val_dataset = training_mixture(args.max_examples_per_task)
+    train_dataset, val_dataset = training_mixture(args.max_examples_per_task, user_data, args.data_only)
 
     def batches(dataset, resume_state=None):
         return conversation_batches(dataset, tokenizer, device_batch_size, max_seq_len, device, rank, world_size,

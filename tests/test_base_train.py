@@ -125,6 +125,29 @@ def test_automatic_batch_size_is_derived_printed_and_recorded(base_dir, capsys):
 
 
 @pytest.mark.slow
+def test_automatic_device_batch_size_is_the_largest_that_fits_and_keeps_the_total_batch(base_dir, capsys, monkeypatch):
+    """--device-batch-size=-1 with a simulated memory limit of 3 rows per forward: of the 8 rows per step (1024
+    tokens / 128), 8 and 4 run out of memory, 2 fits; the run trains 2 rows x 4 accumulation steps, prints it and
+    records it. Every training forward stays within the limit (a bigger one would raise)."""
+    from functools import partial
+    from nanochat import device_batch
+    from nanochat.gpt import GPT
+    forward = GPT.forward
+
+    def limited_forward(self, idx, *args, **kwargs):
+        if idx.size(0) > 3:
+            raise torch.OutOfMemoryError(f"simulated: {idx.size(0)} rows")
+        return forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", limited_forward)
+    monkeypatch.setattr(base_train, "auto_device_batch_size", partial(device_batch.auto_device_batch_size, probe=True))
+    log = run(["--device-batch-size=-1", "--num-iterations=2", "--eval-every=0"], capsys)  # (the last flag given wins)
+    assert "Device batch size: 2 rows of 128 tokens (found by trying; of up to 8 per step)" in log
+    assert "1,024 tokens/step = 2 rows x 128 x 1 ranks x 4 accumulation steps" in log
+    assert read_meta(base_dir, 2)["device_batch_size"] == 2 and len(val_bpbs(log)) == 1
+
+
+@pytest.mark.slow
 def test_evaluations_run_on_their_schedule_and_at_the_end_only_when_on(base_dir, capsys):
     log = run(["--num-iterations=3", "--eval-every=0", "--sample-every=0"], capsys)  # 0: only at the end
     assert list(val_bpbs(log)) == [3] and log.count("The capital of France is") == 1
@@ -175,7 +198,7 @@ def test_two_ranks_agree_with_grad_accumulation(base_dir, tmp_path, capsys):
     (["--total-batch-size=1000"], "must be a multiple of"),
     (["--matrix-lr=0"], "argument --matrix-lr: must be positive, got 0"),
     (["--embedding-lr=-0.1"], "argument --embedding-lr: must be positive, got -0.1"),
-    (["--device-batch-size=-4"], "argument --device-batch-size: must be positive, got -4"),
+    (["--device-batch-size=-4"], "--device-batch-size must be a number of rows or -1 (the largest that fits), got -4"),
     (["--eval-tokens=0"], "argument --eval-tokens: must be positive, got 0"),
     (["--head-dim=63"], "--head-dim=63 make no valid model: n_embd (189) must split into n_head (3) heads of even size"),
     (["--final-lr-frac=-0.5"], "--final-lr-frac must be >= 0"),

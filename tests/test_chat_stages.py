@@ -138,6 +138,71 @@ def test_chat_rl_logs_finite_reward(base_dir, tiny_tokenizer, capsys, monkeypatc
 
 
 # ---------------------------------------------------------------------------------------------------
+# Your own data: chat_sft --data FILE.jsonl[:passes] (--data-only), chat_rl --task FILE.jsonl
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+CHATS = [[{"role": "user", "content": f"What is your favourite number, robot {i}?"},
+          {"role": "assistant", "content": f"My favourite number is {i}."}] for i in range(6)]
+
+
+@pytest.mark.slow
+def test_chat_sft_adds_your_conversations_to_the_mixture_or_trains_on_them_alone(base_dir, tiny_tokenizer, tmp_path,
+                                                                                capsys, monkeypatch):
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    common = ["--max-seq-len=128", "--num-iterations=2", "--max-examples-per-task=4", "--eval-every=-1",
+              "--chatcore-every=-1", "--dry-run"]
+    mixture = run_stage(chat_sft.main, common, base_dir, capsys, monkeypatch)
+    added = run_stage(chat_sft.main, common + [f"--data={chats}:3"], base_dir, capsys, monkeypatch)
+    alone = run_stage(chat_sft.main, common[:-1] + [f"--data={chats}", "--data-only", "--out-tag=mine"], base_dir, capsys,
+                      monkeypatch)  # saved beside the pipeline's own SFT model, under its own tag
+
+    def mixture_sizes(output):
+        return [int(n) for n in re.search(r"Train mixture: [\d,]+ conversations \(([\d, ]+)\)", output).group(1).split(", ")]
+
+    assert mixture_sizes(added) == mixture_sizes(mixture) + [4, 4, 4]  # 3 passes over the (capped) file
+    assert mixture_sizes(alone) == [4]
+    assert len(logged(alone, "loss")) == 2
+    assert read_meta(base_dir / "chatsft_checkpoints" / "mine", 2)["source"]["model_tag"] == MODEL_TAG
+
+
+@pytest.mark.slow
+def test_a_bad_conversation_line_stops_chat_sft_before_anything_trains(base_dir, tiny_tokenizer, tmp_path, capsys,
+                                                                       monkeypatch):
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["base_checkpoints"])
+    bad = write_jsonl(tmp_path / "chats.jsonl", CHATS[:2] + [[{"role": "assistant", "content": "I speak first"}]] + CHATS)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    for flags, message in [([f"--data={bad}"], "chats.jsonl line 3: "), (["--data-only"], "--data-only needs"),
+                           ([f"--data={tmp_path / 'missing.jsonl'}"], "missing.jsonl: no such file"),
+                           (["--out-tag=../escape"], "--out-tag must be a folder name")]:
+        with pytest.raises(SystemExit) as info:
+            chat_sft.main(["--device-type=cpu", *flags])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (base_dir / "chatsft_checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_chat_rl_trains_on_your_questions_with_their_reward(base_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["chatsft_checkpoints"])
+    questions = write_jsonl(tmp_path / "sums.jsonl", [{"question": f"{i} + {i}?", "answer": 2 * i} for i in range(8)])
+    output = run_stage(chat_rl.main, [f"--task={questions}", "--num-iterations=2", "--examples-per-step=2",
+                                      "--num-samples=2", "--device-batch-size=2", "--max-new-tokens=4", "--eval-every=0",
+                                      "--eval-examples=2", "--eval-samples=2"], base_dir, capsys, monkeypatch)
+    assert "2 steps x 2 questions x 2 samples" in output and "which it also trains on" in output
+    assert len(re.findall(r"Step 00002 \| sums.jsonl pass@1 \d+\.\d+% \| pass@2", output)) == 1
+    assert all(0.0 <= r <= 1.0 for r in logged(output, "reward")) and len(logged(output, "reward")) == 2
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "1 + 1?", "answer": 2}, {"question": "no answer"}])
+    with pytest.raises(SystemExit):
+        chat_rl.main(["--device-type=cpu", f"--task={bad}"])
+    assert "bad.jsonl line 2: " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
 # Resume: one run against the same run interrupted after a --save-every checkpoint and resumed from it
 
 
