@@ -36,9 +36,9 @@ add_run_flags(parser, dry_run=False)
 # model size
 parser.add_argument("--depth", type=positive(int), default=20, help="number of Transformer layers: the one complexity dial")
 parser.add_argument("--aspect-ratio", type=positive(int), default=64, help="model_dim = depth * aspect_ratio (rounded up to head_dim)")
-parser.add_argument("--head-dim", type=positive(int), default=128)
-parser.add_argument("--max-seq-len", type=positive(int), default=2048)
-parser.add_argument("--window-pattern", type=str, default="SSSL", help="sliding-window pattern over layers: L=full, S=half context")
+parser.add_argument("--head-dim", type=positive(int), default=128, help="channels per attention head")
+parser.add_argument("--max-seq-len", type=positive(int), default=2048, help="tokens per row: the model's context")
+parser.add_argument("--window-pattern", type=str, default="SSSL", help="tiled over the layers: L=full context, S=a quarter")
 # training horizon, in order of precedence
 parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1 = derive)")
 parser.add_argument("--target-flops", type=float, default=-1.0, help="compute budget in FLOPs (-1 = use the data ratio)")
@@ -48,14 +48,14 @@ parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per 
                     "that fits: found by trying on a GPU, 32 elsewhere; gradient accumulation keeps --total-batch-size)")
 parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = automatic)")
 # optimizer
-parser.add_argument("--embedding-lr", type=positive(float), default=0.3)
-parser.add_argument("--unembedding-lr", type=positive(float), default=0.008)
+parser.add_argument("--embedding-lr", type=positive(float), default=0.3, help="AdamW LR of the token embedding")
+parser.add_argument("--unembedding-lr", type=positive(float), default=0.008, help="AdamW LR of the lm_head")
 parser.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12 and 2^19 tokens/step; transferred to this run")
-parser.add_argument("--matrix-lr", type=positive(float), default=0.02)
-parser.add_argument("--scalar-lr", type=positive(float), default=0.5)
-parser.add_argument("--warmup-steps", type=int, default=40)
+parser.add_argument("--matrix-lr", type=positive(float), default=0.02, help="Muon LR of the blocks' matrices")
+parser.add_argument("--scalar-lr", type=positive(float), default=0.5, help="AdamW LR of the x0 scalars (resid: x0.01)")
+parser.add_argument("--warmup-steps", type=int, default=40, help="the LR rises linearly over the first N steps")
 parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the run over which the LR decays")
-parser.add_argument("--final-lr-frac", type=float, default=0.05)
+parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, a fraction of the peak")
 # evaluation and checkpoints. Evaluations every N steps also run at the end; -1 = never, 0 = only at the end.
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps and at the end (-1 = never, 0 = only at the end)")
 parser.add_argument("--eval-tokens", type=positive(int), default=None,

@@ -43,8 +43,8 @@ def main():
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
     add_checkpoint_flags(parser, "sft", ["base", "sft", "rl"])
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
-    parser.add_argument("-t", "--temperature", type=float, default=0.6)
-    parser.add_argument("-k", "--top-k", type=int, default=50)
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
     args = parser.parse_args()
     if args.prompt and not args.prompt.strip():

@@ -440,11 +440,11 @@ def main():
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k")
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default max new tokens per reply")
-    parser.add_argument("-p", "--port", type=int, default=8000)
+    parser.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("-d", "--dtype", type=str, default="", choices=["", "float32", "bfloat16", "float16"],
                         help="compute dtype (default: what the device runs fast, see nanochat.common.compute_choice)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty: autodetect)")
-    parser.add_argument("--host", type=str, default="0.0.0.0")
+    parser.add_argument("--host", type=str, default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--max-batch", type=int, default=0,
                         help="decode slots per worker: conversations served at once (0: 32 on GPU, 8 on CPU; 1: one at a time)")
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile the decode step: 1/0, -1 = on CUDA only")
