@@ -137,13 +137,15 @@ def load_optimizer_state(checkpoint_dir, step, rank, world_size, device):
 
 
 # -----------------------------------------------------------------------------
-# RL (GRPO-lite): on-policy, so no importance ratio, clipping or KL penalty
+# RL: GRPO-lite, after GRPO (DeepSeekMath, Shao et al. 2024): on-policy, so no importance ratio, clipping or
+# KL penalty
 
 
 def group_advantages(rewards):
     """
     rewards (num_questions, num_samples) -> advantage = reward - mean reward of the same question's
-    samples. Not divided by the group's std as GRPO does: that would give a question almost every
+    samples. Not divided by the group's std as GRPO does (Dr. GRPO drops it too: Liu et al. 2025,
+    "Understanding R1-Zero-Like Training: A Critical Perspective"): that would give a question almost every
     sample gets right (or wrong) as large an update as an open one, amplifying the few lucky samples,
     and it is undefined when all samples score the same (their advantages are simply 0 here).
     """

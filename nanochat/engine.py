@@ -33,7 +33,8 @@ from nanochat.kv_cache import KVCache
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """
     (B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k most likely ids; top_p keeps
-    the most likely ids until their probability reaches top_p (nucleus sampling), the first one always.
+    the most likely ids until their probability reaches top_p (nucleus sampling, Holtzman et al. 2020), the
+    first one always.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -64,8 +65,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# The calculator tool. Model-written text is never eval'd: we parse it with `ast` and evaluate a
-# whitelist ourselves, so only numbers, + - * / ** and "literal".count("literal") can run.
+# The calculator tool, as GSM8K's solutions annotate their arithmetic for one (Cobbe et al. 2021). Model-written
+# text is never eval'd: we parse it with `ast` and evaluate a whitelist ourselves, so only numbers,
+# + - * / ** and "literal".count("literal") can run.
 
 MAX_EXPRESSION_CHARS = 1000  # far above any GSM8K calculation; bounds parse time
 MAX_INT_BITS = 4096  # ~1200 digits: every integer operation below this size takes microseconds

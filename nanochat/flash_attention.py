@@ -2,11 +2,12 @@
 One front door for attention, with Flash Attention 3's API and its (B, T, H, D) tensor layout.
 
 Backends, settled on first use (GPT.init_weights makes that happen eagerly) with one printed line:
-  fa3   FA3 kernels on Hopper GPUs for bf16/fp16 inputs, loaded through the `kernels` package from the
-        Hugging Face hub: runs/setup.sh fetches them once, and every later load reads the local cache
-        without asking the hub (8 ranks x every launch of a run would otherwise each depend on a network call).
-  flex  FlexAttention inside compiled CUDA code: block-sparse, so sliding-window layers skip the masked
-        blocks and `window_pattern=SSSL` stays faster than `L` (SDPA would compute them all).
+  fa3   FlashAttention-3 (Shah et al. 2024) on Hopper GPUs for bf16/fp16 inputs, loaded through the
+        `kernels` package from the Hugging Face hub: runs/setup.sh fetches them once, and every later load
+        reads the local cache without asking the hub (8 ranks x every launch of a run would otherwise each
+        depend on a network call).
+  flex  PyTorch's FlexAttention inside compiled CUDA code: block-sparse, so sliding-window layers skip the
+        masked blocks and `window_pattern=SSSL` stays faster than `L` (SDPA would compute them all).
   sdpa  torch's scaled_dot_product_attention: CPU, MPS, eager CUDA calls (sampling, evaluation), fp32,
         and the KV-cache path wherever FA3 does not serve it.
 

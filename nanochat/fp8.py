@@ -6,7 +6,8 @@ How a training script turns it on (after building the model, before torch.compil
     convert_to_fp8(model)         # swaps eligible nn.Linear layers; parameters and checkpoints unchanged
 
 The recipe: inputs and weights are cast to e4m3 (3 mantissa bits, range +-448), gradients to e5m2 (2
-mantissa bits, range +-57344: gradients span more orders of magnitude than they need digits). Each
+mantissa bits, range +-57344: gradients span more orders of magnitude than they need digits), the split of
+Micikevicius et al. 2022 ("FP8 Formats for Deep Learning"). Error figures: dev/LOG.md, "fp8 Linear". Each
 tensor gets one scale, recomputed from its largest magnitude at every call, so no history to carry
 around. Only the fp8 copies are saved for backward: half the activation memory of bf16 copies. The
 fp32 master weight stays the parameter: the optimizer, the checkpoints and the FLOP count see the same

@@ -1,14 +1,21 @@
 """
 The GPT model: a Transformer with the tuned details of the nanochat design.
 
-- rotary position embeddings (no learned positions), QK-norm, parameter-free RMSNorm everywhere
-- untied token embedding and lm_head; ReLU^2 MLP; no biases
+- rotary position embeddings (RoFormer, Su et al. 2021; no learned positions), QK-norm (Henry et al. 2020),
+  parameter-free RMSNorm (Zhang & Sennrich 2019) everywhere
+- untied token embedding and lm_head; ReLU^2 MLP (Primer, So et al. 2021); no biases
 - every block's input mixes in the normed token embedding x0 through learnable per-layer scalars
-- value embeddings (ResFormer): alternating layers add a gated per-token table lookup to v
-- sliding-window attention per layer (window_pattern), the last layer always sees the full context
+  (from the modded-nanogpt speedrun)
+- value embeddings: alternating layers add a gated per-token table lookup to v (modded-nanogpt's, after
+  ResFormer's value residual, Zhou et al. 2024)
+- sliding-window attention per layer (window_pattern), local layers between global ones as in Gemma 2
+  (Gemma Team 2024); the last layer always sees the full context
 - smear: each token's embedding mixes in the previous token's through a learned gate (a cheap bigram)
 - backout: a learned share of the mid-depth residual is subtracted before the lm_head
-- logits soft-capped with tanh; vocab padded to a multiple of 64 and cropped back
+- logits soft-capped with tanh (Gemma 2); vocab padded to a multiple of 64 and cropped back (as nanoGPT
+  pads GPT-2's 50257 to 50304)
+The constants (init scales, LRs, betas, the 2026 values of config_for_depth) are upstream nanochat's
+tuning; our d4 ablation of the 2026 changes is dev/LOG.md, "2026-11-30: the 2026 training recipe".
 
 GPTConfig's defaults are the January 2026 architecture, so a checkpoint whose saved config predates a field
 loads as it was trained; config_for_depth() gives new models the 2026 values.
@@ -33,7 +40,7 @@ from nanochat.common import get_compute_dtype, is_distributed
 from nanochat.flash_attention import flash_attn
 from nanochat.optim import DistMuonAdamW, MuonAdamW
 
-LOGIT_SOFTCAP = 15.0  # logits live in (-15, 15): bounded logits keep early training stable
+LOGIT_SOFTCAP = 15.0  # logits live in (-15, 15): bounded logits keep early training stable (Gemma 2 caps at 30)
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover 10x sequence_len, so generation can run past it
 SMEAR_CHANNELS = 24  # the smear gate reads only the first 24 channels of the token embedding
 SMEAR_BACKOUT_PARAMS = ("smear_gate.", "smear_lambda", "backout_lambda")
@@ -46,7 +53,7 @@ class GPTConfig:
     vocab_size: int = 32768
     n_layer: int = 12
     n_head: int = 6  # query heads
-    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
+    n_kv_head: int = 6  # key/value heads (GQA, Ainslie et al. 2023, when fewer than n_head)
     n_embd: int = 768
     window_pattern: str = "SSSL"  # tiled over layers: L = full context, S = short_window
     rotary_base: float = 10000.0
@@ -252,6 +259,7 @@ class GPT(nn.Module):
         n_embd, n_layer = self.config.n_embd, self.config.n_layer
         bound = math.sqrt(3) / math.sqrt(n_embd)  # uniform(-b, b) has the std of N(0, 1/n_embd)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if new else 1.0)
+        # a near-zero lm_head: the first logits are near uniform, so the loss starts at ln(vocab_size)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
@@ -391,7 +399,8 @@ class GPT(nn.Module):
         adam_betas: one (beta1, beta2) for the lm_head, embedding and resid groups, as in the January recipe;
         None (the default) gives each group the betas tuned for it below.
         """
-        # The AdamW learning rates were tuned at width 768; wider models take proportionally smaller steps.
+        # The AdamW learning rates were tuned at width 768 (d12); wider models take steps smaller by
+        # 1/sqrt(width), upstream nanochat's rule.
         scale = (self.config.n_embd / 768) ** -0.5
 
         def adamw(params, lr, betas, weight_decay=0.0):
@@ -400,13 +409,15 @@ class GPT(nn.Module):
         def tuned(betas):
             return betas if adam_betas is None else tuple(adam_betas)
 
-        # Each table and scalar set gets its own betas and decay: the embeddings see sparse, rare-token
-        # gradients, so a long second-moment memory (0.995) keeps their steps from jumping when a rare
-        # token shows up; a little decay keeps unused rows from drifting.
+        # AdamW (Loshchilov & Hutter 2019). Each table and scalar set gets its own betas and decay (upstream
+        # nanochat's 2026 tuning, worth 0.038 bpb at d4: dev/LOG.md, "the 2026 training recipe"): the embeddings
+        # see sparse, rare-token gradients, so a long second-moment memory (0.995) keeps their steps from
+        # jumping when a rare token shows up; a little decay keeps unused rows from drifting.
         groups = [
             adamw([self.lm_head.weight], unembedding_lr * scale, tuned((0.8, 0.96)), weight_decay=0.01),
             adamw([self.transformer.wte.weight], embedding_lr * scale, tuned((0.8, 0.995)), weight_decay=0.001),
-            # value embeddings enter every other layer's values directly: half the token-embedding LR
+            # value embeddings enter every other layer's values directly: half the token-embedding LR (at 1x, with
+            # the January unembedding LR, d4 lost 0.2 bpb: dev/LOG.md, "the 2026 training recipe")
             adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * scale, tuned((0.8, 0.995)), weight_decay=0.01),
             adamw([self.resid_lambdas], scalar_lr * 0.01, tuned((0.8, 0.95)), weight_decay=0.05),  # sensitive: move slowly
             adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95)),  # higher beta1 for x0 helped at d20

@@ -3,7 +3,8 @@ Bits per byte: the validation metric every pretraining comparison uses.
 
 Mean cross entropy per token depends on the tokenizer (a bigger vocab packs more bytes per token and so
 has a larger loss per token). Dividing the summed loss by the number of bytes those tokens stand for,
-and converting nats to bits, gives a number that compares across tokenizers and vocab sizes.
+and converting nats to bits, gives a number that compares across tokenizers and vocab sizes (the
+measure The Pile reports, Gao et al. 2020).
 """
 
 import math

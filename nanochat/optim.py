@@ -1,6 +1,9 @@
 """
 The one optimizer of the model: Muon for the 2-D block matrices, AdamW for everything else
-(embeddings, lm_head, the per-layer scalars).
+(embeddings, lm_head, the per-layer scalars). Sources: Muon (Jordan et al. 2024, "Muon: An optimizer for
+hidden layers in neural networks"), AdamW (Loshchilov & Hutter 2019), ZeRO (Rajbhandari et al. 2020); the
+2026 additions to Muon and the schedules are upstream nanochat's recipe, ablated at d4 in dev/LOG.md
+("the 2026 training recipe": turning back the Muon group cost 0.014 bpb, the schedules 0.030).
 
 MuonAdamW runs in one process. DistMuonAdamW runs in many (ZeRO-2 style, no DDP wrapper): it averages
 the gradients across ranks itself, each rank updates only the shard it owns and keeps only that
@@ -19,9 +22,11 @@ import torch.distributed as dist
 
 from nanochat.common import UserError, compute_choice, is_distributed
 
-# Polar Express (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T. Each step's odd
+# Polar Express (Amsel et al. 2025, "The Polar Express: Optimal Matrix Sign Methods and Their Application to
+# the Muon Algorithm"), (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T. Each step's odd
 # polynomial is fit (minimax) to the singular-value range left by the previous one: the first ones
-# lift tiny singular values fast (a ~ 8), the last ones tighten the band around 1 (~[0.86, 1.14]).
+# lift tiny singular values fast (a ~ 8), the last ones tighten the band around 1 (~[0.86, 1.14], measured:
+# dev/LOG.md, "First measurements"). These coefficients are the ones upstream nanochat uses.
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -33,7 +38,8 @@ POLAR_EXPRESS_COEFFS = [
 # small tensors (the per-layer scalars) are all-reduced and updated whole on every rank.
 ALL_REDUCE_MAX_NUMEL = 1024
 # Polar Express divides by ||X||_F times this margin: the Frobenius norm bounds the spectral norm, the
-# margin covers its bf16 rounding. 1.01 instead of 1.02 starts the iteration 1% closer to the target.
+# margin covers its bf16 rounding. 1.01 instead of 1.02 starts the iteration 1% closer to the target
+# (upstream nanochat's 2026 value).
 POLAR_EXPRESS_MARGIN = 1.01
 # torch 2.13 renamed the tensor collectives (the old names warn); pyproject allows torch >= 2.9,
 # which has only the old names.
@@ -64,9 +70,10 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, we
 
 def equalize_rows(G):
     """
-    MuonEq, before orthogonalising: scale every row of each matrix in the stack (K, rows, cols) to the
-    matrix's RMS row norm. A few rows with large gradients otherwise dominate the polar factor's
-    direction; equal rows let every output feature take part. Zero rows (padding) stay zero.
+    MuonEq (upstream nanochat's 2026 recipe), before orthogonalising: scale every row of each matrix in
+    the stack (K, rows, cols) to the matrix's RMS row norm. A few rows with large gradients otherwise
+    dominate the polar factor's direction; equal rows let every output feature take part. Zero rows
+    (padding) stay zero.
     """
     row_norms = G.norm(dim=-1, keepdim=True)
     rms_row_norm = row_norms.square().mean(dim=-2, keepdim=True).sqrt()
@@ -98,9 +105,10 @@ def restore_norm(X):
 
 def normuon(update, second_moment, beta2):
     """
-    NorMuon variance reduction: equalize the RMS of the update's rows (or columns, whichever is the
-    longer side) with a factored second moment kept as an EMA, then rescale so the update keeps its
-    total norm. second_moment is (K, rows, 1) or (K, 1, cols), fp32, updated in place.
+    NorMuon variance reduction ("NorMuon: Making Muon more efficient and scalable", 2025): equalize the
+    RMS of the update's rows (or columns, whichever is the longer side) with a factored second moment kept
+    as an EMA, then rescale so the update keeps its total norm. second_moment is (K, rows, 1) or
+    (K, 1, cols), fp32, updated in place.
     """
     reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
     second_moment.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
@@ -119,7 +127,8 @@ def muon_step(params, grads, momentum_buffer, second_moment, momentum, lr, weigh
     update = equalize_rows(update)
     update = restore_norm(polar_express(update.to(orth_dtype), ns_steps).float())
     update = normuon(update, second_moment, beta2)
-    # Cautious weight decay: only shrink the coordinates the update is already moving towards zero.
+    # Cautious weight decay ("Cautious Weight Decay", 2025, after the cautious mask of Liang et al. 2024,
+    # "Cautious Optimizers"): only shrink the coordinates the update is already moving towards zero.
     mask = (update * params) >= 0
     params.sub_(lr * update + lr * weight_decay * params * mask)
 
@@ -339,10 +348,11 @@ class DistMuonAdamW(MuonAdamW):
 
 class GradScaler:
     """
-    Dynamic loss scaling, for an fp16 compute dtype (its range loses small gradients to zero); with
-    enabled=False (bf16, fp32) every method passes straight through. Scale the loss before backward(),
-    then step(optimizer) unscales the gradients and steps, unless a gradient is inf/nan on any rank: then
-    every rank skips the step together and the scale halves. After growth_interval clean steps it doubles.
+    Dynamic loss scaling (Micikevicius et al. 2018, "Mixed Precision Training"), for an fp16 compute dtype
+    (its range loses small gradients to zero); with enabled=False (bf16, fp32) every method passes straight
+    through. Scale the loss before backward(), then step(optimizer) unscales the gradients and steps, unless
+    a gradient is inf/nan on any rank: then every rank skips the step together and the scale halves. After
+    growth_interval clean steps it doubles.
     """
 
     def __init__(self, enabled, init_scale=2.0**16, growth_interval=2000):
@@ -382,7 +392,9 @@ class GradScaler:
 def get_lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac):
     """
     Linear warmup over warmup_steps, flat, then linear warmdown over the last warmdown_ratio of training
-    to final_lr_frac. Past the end it holds the final value: a negative multiplier would be gradient ascent.
+    to final_lr_frac: warmup-stable-decay (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations"). Past the end it holds the final value: a negative multiplier would be
+    gradient ascent.
     """
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step < warmup_steps:
@@ -395,7 +407,8 @@ def get_lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_
 
 def get_muon_momentum(step, num_iterations=None, warmdown_ratio=0.0):
     """
-    0.85 -> 0.97 linearly over the first 400 steps: a lower momentum settles the early, noisy steps
+    0.85 -> 0.97 linearly over the first 400 steps (a momentum warmup from the modded-nanogpt speedrun; these
+    values are upstream nanochat's 2026 ones): a lower momentum settles the early, noisy steps
     faster, a higher one then averages more gradients. Given the horizon, it is pulled linearly to 0.90
     across the warmdown (the last warmdown_ratio of num_iterations): as the LR shrinks, the update
     follows the latest gradients more closely.
@@ -422,22 +435,25 @@ REFERENCE_BATCH_SIZE = 2**19
 def auto_batch_size(tokens, reference_tokens):
     """
     Tokens per optimizer step for a run that trains on `tokens`, given that the reference run (d12, same
-    tokens-per-parameter ratio) trains on reference_tokens with 2^19: the best batch grows as tokens^0.383
-    (a power law fitted across model sizes), rounded to a power of two so it splits evenly into rows.
+    tokens-per-parameter ratio) trains on reference_tokens with 2^19: the best batch grows as a power of the
+    tokens (Power Lines, Bergsma et al. 2025), tokens^0.383 (upstream nanochat's fit across model sizes),
+    rounded to a power of two so it splits evenly into rows.
     """
     return 2 ** round(math.log2(REFERENCE_BATCH_SIZE * (tokens / reference_tokens) ** 0.383))
 
 
 def batch_lr_scale(batch_size):
-    """Every LR scales by sqrt(batch / 2^19): the gradient noise falls as 1/sqrt(batch)."""
+    """Every LR scales by sqrt(batch / 2^19): the gradient noise falls as 1/sqrt(batch) (the square-root rule for
+    Adam, Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms")."""
     return (batch_size / REFERENCE_BATCH_SIZE) ** 0.5
 
 
 def transfer_weight_decay(weight_decay, batch_size, tokens, reference_tokens):
     """
     The Muon weight decay tuned at the reference run, for this one. Decay's timescale 1/(lr * wd) steps
-    should stay a fixed fraction of the run: lr scales by sqrt(batch / 2^19), and a run on more tokens
-    (more steps at this batch) wants proportionally less decay per step.
+    should stay a fixed fraction of the run (Power Lines, Bergsma et al. 2025: tau = batch / (lr * wd * tokens)):
+    lr scales by sqrt(batch / 2^19), and a run on more tokens (more steps at this batch) wants proportionally
+    less decay per step.
     """
     return weight_decay * batch_lr_scale(batch_size) * reference_tokens / tokens
 

@@ -2,14 +2,15 @@
 Serving many users from one model: continuous batching, long conversations, stop sequences, and a
 guarded HTTP protocol.
 
-Continuous batching. A BatchScheduler owns a KV cache of max_batch rows (slots), each spanning the
-model's context. A submitted Generation waits until a slot is free, is prefilled alone (batch 1,
-straight into its row), samples its first token at once, and from then on gets one token per decode
-step together with every other active row. It leaves when it ends (a stop token, its max_tokens, a
-full context) or is cancelled (its client went away), and its slot goes to the next request at the
-next step. Active rows are kept in rows 0..n-1 (a leaving row's slot is refilled with the last row),
-so an eager decode step runs exactly the n active rows; a compiled one (Engine(compile=True)) always
-runs all max_batch rows: one graph, whatever the load.
+Continuous batching (iteration-level scheduling, as in Orca: Yu et al. 2022; 6.0x the tokens/s of one request
+at a time at 16 clients: dev/LOG.md, "Integration"). A BatchScheduler owns a KV cache of max_batch rows
+(slots), each spanning the model's context. A submitted Generation waits until a slot is free, is prefilled
+alone (batch 1, straight into its row), samples its first token at once, and from then on gets one token per
+decode step together with every other active row. It leaves when it ends (a stop token, its max_tokens, a full
+context) or is cancelled (its client went away), and its slot goes to the next request at the next step.
+Active rows are kept in rows 0..n-1 (a leaving row's slot is refilled with the last row), so an eager decode
+step runs exactly the n active rows; a compiled one (Engine(compile=True)) always runs all max_batch rows: one
+graph, whatever the load.
 
 Each row samples with its own generator and runs its own calculator-tool state machine, so what a
 request gets does not depend on its neighbours: at temperature 0, the tokens it would get served

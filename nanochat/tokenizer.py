@@ -1,6 +1,7 @@
 """
-GPT-4-style byte-level BPE tokenizer: trained with rustbpe (fast Rust training), run with tiktoken
-(fast Rust encoding), plus the chat format: conversations rendered to token ids with a loss mask.
+GPT-4-style byte-level BPE tokenizer (BPE: Sennrich et al. 2016; on bytes, after a regex split: GPT-2,
+Radford et al. 2019): trained with rustbpe (fast Rust training), run with tiktoken (fast Rust encoding),
+plus the chat format: conversations rendered to token ids with a loss mask.
 
 On disk (base_dir/tokenizer/): tokenizer.pkl is the pickled tiktoken.Encoding, token_bytes.pt holds
 the UTF-8 byte length of every token id (0 for special tokens), which the bits-per-byte metric needs.
@@ -15,8 +16,8 @@ import torch
 
 from nanochat.common import UserError, get_base_dir
 
-# The GPT-4 split pattern except numbers are grouped \p{N}{1,2} instead of {1,3}: with a small
-# (32K) vocab, spending merges on all 1000 three-digit numbers measured worse than 1-2 digit groups.
+# The GPT-4 split pattern except numbers are grouped \p{N}{1,2} instead of {1,3}, so that a small (32K)
+# vocab spends no merges on the 1000 three-digit numbers: upstream nanochat's choice, not measured here.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )

@@ -30,7 +30,9 @@ from nanochat.core_eval import evaluate_core
 from nanochat.run import Run, RunState, StepMeter, add_run_flags, check_resume_step, restore_process_state
 
 # -----------------------------------------------------------------------------
-# Flags (defaults: the tuned values, transferred from d12 to any depth by the batch-size rule below)
+# Flags. Defaults: upstream nanochat's 2026 recipe, tuned at d12 and transferred to any depth by the batch-size
+# rule below (ablated at d4: dev/LOG.md, "the 2026 training recipe"). Chinchilla's compute-optimal ratio is
+# ~20 tokens per parameter (Hoffmann et al. 2022); runs/scaling_laws.sh measures this recipe's.
 parser = argparse.ArgumentParser(description="Pretrain a base model")
 add_run_flags(parser, dry_run=False)
 # model size

@@ -1,6 +1,7 @@
 """
-Reinforcement learning on GSM8K (or your own questions) with a simplified GRPO: sample several answers per
-question, reward the correct ones, and push up the log-probability of answers that beat their siblings.
+Reinforcement learning on GSM8K (or your own questions) with a simplified GRPO (DeepSeekMath, Shao et al.
+2024): sample several answers per question, reward the correct ones, and push up the log-probability of
+answers that beat their siblings.
 
     python -m scripts.chat_rl --examples-per-step=4 --num-samples=4 --max-new-tokens=128   # CPU
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- -i sft

@@ -92,6 +92,8 @@ def training_mixture(max_examples_per_task, user_data=(), data_only=False):
     identity_path = default_identity_path()
     if not data_only and not os.path.exists(identity_path):
         print0(f"Note: no identity conversations at {identity_path}; fine-tuning without them")
+    # One stage for what were mid-training and SFT: no worse at d4, and simpler (dev/LOG.md, "One SFT stage
+    # replaces mid-training + SFT").
     train_tasks = [] if data_only else [
         capped(SmolTalk(split="train")),  # general conversations
         *[capped(mmlu_training_set())] * 3,  # multiple choice, 3 passes (offline: a small local stand-in, it says so)
