@@ -48,6 +48,12 @@ def test_the_tables_document_every_flag_and_its_default():
     assert "| `--api-key` | - |" in tables
 
 
+def test_every_script_with_flags_has_a_table():
+    with_parsers = {f"scripts.{path.stem}" for path in (REPO_ROOT / "scripts").glob("*.py")
+                    if "ArgumentParser(" in path.read_text()}
+    assert with_parsers and with_parsers <= set(gen_flags.MODULES), sorted(with_parsers - set(gen_flags.MODULES))
+
+
 def test_check_fails_on_a_stale_page(tmp_path, monkeypatch, capsys):
     stale = tmp_path / "flags.md"
     stale.write_text(f"# hand-written\n{gen_flags.BEGIN}\n| `--depth` | 12 | old |\n{gen_flags.END}\nmore\n")
