@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import optim_path
+from nanochat.checkpoint_manager import load_optimizer_shard, optim_path
 from nanochat.common import is_distributed
 from nanochat.dataloader import BestFitPacker
 
@@ -128,7 +128,7 @@ def load_optimizer_state(checkpoint_dir, step, rank, world_size, device):
     paths = [optim_path(checkpoint_dir, step, r) for r in range(world_size)]
     if not all(os.path.exists(path) for path in paths):
         return None, f"no optimizer state for {world_size} rank(s) at step {step} in {checkpoint_dir}; starting a fresh optimizer"
-    state = torch.load(paths[rank], map_location=device)
+    state = load_optimizer_shard(checkpoint_dir, step, device, rank)
     saved_world_size = state.get("world_size", 1)
     if saved_world_size != world_size:
         return None, (f"the optimizer state in {checkpoint_dir} was saved by {saved_world_size} rank(s), this run has "

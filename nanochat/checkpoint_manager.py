@@ -85,6 +85,17 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     return _load_checkpoint(checkpoint_dir, step, device, load_optimizer, rank, verify=load_optimizer)
 
 
+def load_optimizer_shard(checkpoint_dir, step, device, rank=0):
+    """
+    -> this rank's optimizer state of a complete checkpoint, checked against the sha256 its meta recorded (a
+    damaged file is a UserError naming it): for a stage that continues another's moments (SFT from the base run).
+    """
+    meta_data = _read_file(meta_path(checkpoint_dir, step), step, _read_json)
+    checksums = meta_data.get(CHECKSUMS_KEY) if isinstance(meta_data, dict) else None
+    return _read_file(optim_path(checkpoint_dir, step, rank), step, lambda path: torch.load(path, map_location=device),
+                      checksums if isinstance(checksums, dict) else None)
+
+
 # Checking a file's sha256 reads it once more: at d20 that about doubles a load (dev/LOG.md, checkpoint checksums).
 # Worth it where training continues from the checkpoint for hours; for evaluation and chat, opt in with
 # NANOCHAT_VERIFY_CHECKPOINTS=1. Checkpoints saved before meta recorded hashes load unchecked.

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from nanochat.common import get_base_dir, get_dist_info
+from nanochat.common import atomic_write, get_base_dir, get_dist_info
 
 # Pipeline order of the sections in report.md (sections with other names follow, in logging order).
 SECTION_ORDER = [
@@ -199,11 +199,11 @@ class Report:
         """Write (or replace, when a stage re-runs) the section: markdown to read, json to summarize and plot."""
         timestamp = time.time()
         data, curve = to_jsonable(list(data)), to_jsonable(list(curve or []))
-        slug = slugify(section)
-        with open(os.path.join(self.report_dir, f"{slug}.md"), "w", encoding="utf-8") as f:
-            f.write(section_markdown(section, data, timestamp, curve))
-        with open(os.path.join(self.report_dir, f"{slug}.json"), "w", encoding="utf-8") as f:
-            json.dump({"section": section, "timestamp": timestamp, "data": data, "curve": curve}, f, indent=1)
+        slug = slugify(section)  # each file whole or not at all: a stage killed while logging leaves the old section
+        markdown = section_markdown(section, data, timestamp, curve).encode("utf-8")
+        payload = json.dumps({"section": section, "timestamp": timestamp, "data": data, "curve": curve}, indent=1)
+        atomic_write(os.path.join(self.report_dir, f"{slug}.md"), lambda f: f.write(markdown))
+        atomic_write(os.path.join(self.report_dir, f"{slug}.json"), lambda f: f.write(payload.encode("utf-8")))
         return os.path.join(self.report_dir, f"{slug}.md")
 
     def reset(self):

@@ -43,6 +43,7 @@ class RunState:
     val_bpb: float = None  # base, sft: the last val bpb
     chatcore: dict = None  # sft: the last ChatCORE and its per-task accuracies
     val_pass_at_k: dict = None  # rl: the last GSM8K pass@1 and pass@k
+    sha256: dict = None  # {file name: sha256} of the step's files, written by save_checkpoint (checked when loading)
 
     @classmethod
     def from_meta(cls, meta):

@@ -14,7 +14,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, atomic_write, get_base_dir
 
 # The GPT-4 split pattern except numbers are grouped \p{N}{1,2} instead of {1,3}, so that a small (32K)
 # vocab spends no merges on the 1000 three-digit numbers: upstream nanochat's choice, not measured here.
@@ -150,11 +150,14 @@ class RustBPETokenizer:
         return torch.tensor(lengths, dtype=torch.int32)
 
     def save(self, tokenizer_dir):
-        """Write tokenizer.pkl and token_bytes.pt into tokenizer_dir."""
+        """Write tokenizer.pkl, then token_bytes.pt, into tokenizer_dir, each whole or not at all (temp file + rename):
+        the tokenizer counts as trained once both exist (nanochat/pipeline.py)."""
         os.makedirs(tokenizer_dir, exist_ok=True)
-        with open(os.path.join(tokenizer_dir, TOKENIZER_FILE), "wb") as f:
-            pickle.dump(self.enc, f)
-        torch.save(self.token_bytes(), os.path.join(tokenizer_dir, TOKEN_BYTES_FILE))
+        if os.path.exists(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)):  # an older tokenizer's: incomplete until both are new
+            os.remove(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE))
+        atomic_write(os.path.join(tokenizer_dir, TOKENIZER_FILE), lambda f: pickle.dump(self.enc, f))
+        token_bytes = self.token_bytes()
+        atomic_write(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE), lambda f: torch.save(token_bytes, f))
 
     # ---------------------------------------------------------------------------------------------
     # Chat format: <|bos|><|user_start|>...<|user_end|><|assistant_start|>...<|assistant_end|>...

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import REPO_ROOT, TEST_DATA, run_torchrun
 from helpers import tiny_config
+from nanochat.common import UserError
 from nanochat.chat_train import (IGNORE_INDEX, training_rows, conversation_batches, loss_normaliser,
                                  load_optimizer_state, group_advantages, policy_gradient_loss)
 
@@ -220,7 +221,10 @@ def test_fully_masked_step_gives_zero_loss_and_zero_gradient():
 
 
 def test_optimizer_state_is_used_only_with_the_ranks_that_saved_it(tmp_path):
-    from nanochat.checkpoint_manager import optim_path
+    from nanochat.checkpoint_manager import meta_path, optim_path
+    for step in (7, 8):  # complete steps of a checkpoint that predates recorded hashes (their shards load unchecked)
+        with open(meta_path(str(tmp_path), step), "w") as f:
+            json.dump({"step": step, "model_config": {}}, f)
     torch.save({"state": {}, "param_groups": [], "world_size": 2}, optim_path(str(tmp_path), 7, 0))
     state, note = load_optimizer_state(str(tmp_path), 7, 0, 1, "cpu")
     assert state is None and "saved by 2 rank(s)" in note  # a shard of a 2-rank run is not a whole state
@@ -232,6 +236,10 @@ def test_optimizer_state_is_used_only_with_the_ranks_that_saved_it(tmp_path):
     torch.save({"state": {}, "param_groups": []}, optim_path(str(tmp_path), 8, 0))  # single-process optimizer
     state, note = load_optimizer_state(str(tmp_path), 8, 0, 1, "cpu")
     assert note is None and state == {"state": {}, "param_groups": []}
+    with open(optim_path(str(tmp_path), 8, 0), "r+b") as f:  # a damaged shard is named, not a traceback
+        f.truncate(10)
+    with pytest.raises(UserError, match="optim_000008_rank0.pt cannot be read"):
+        load_optimizer_state(str(tmp_path), 8, 0, 1, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -352,7 +352,12 @@ def start_stalled_download(program, tmp_path, base_dir):
 
 @pytest.mark.parametrize("program", PROGRAMS)
 @pytest.mark.slow
-def test_ctrl_c_stops_a_download_within_two_seconds_leaving_no_partial_file(tmp_path, base_dir, program):
+def test_ctrl_c_stops_a_download_at_once_leaving_no_partial_file(tmp_path, base_dir, program):
+    """
+    The transfers stall for 60 s and a read times out after 30 s: a download that did not act on Ctrl-C would sit
+    in one of those. Acting on it takes well under a second on an idle machine; most of the bound is for the
+    interpreter's exit on a loaded one (2.1 s seen with 2 cores shared by a dozen processes).
+    """
     process, server, dest = start_stalled_download(program, tmp_path, base_dir)
     try:
         t0 = time.monotonic()
@@ -362,7 +367,7 @@ def test_ctrl_c_stops_a_download_within_two_seconds_leaving_no_partial_file(tmp_
     finally:
         process.kill()
         server.__exit__()
-    assert elapsed < 2.0, (elapsed, err)
+    assert elapsed < 10.0, (elapsed, err)
     assert process.returncode in (130, -signal.SIGINT), err
     assert [name for name in os.listdir(dest) if not name.endswith(".lock")] == []  # no partial file anywhere
     if program == "shards":

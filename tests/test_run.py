@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError, all_reduce_sum
+from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.optim import GradScaler
 from nanochat.run import Run, RunState, StepMeter, add_checkpoint_flags, add_run_flags, check_resume_step, restore_process_state
 
@@ -145,7 +146,8 @@ def test_save_then_resume_restores_model_optimizer_loss_scale_and_state(tmp_path
     state.loop_state["curve"].append({"step": 3, "val_bpb": 1.25, "time": 0.0})
     run.save(str(tmp_path), state, model, optimizer, scaler)
     meta = json.loads((tmp_path / "meta_000003.json").read_text())
-    assert meta == asdict(state) and meta["loss_scale"] == [512.0, 37]  # the meta's keys are RunState's fields
+    assert set(meta["sha256"]) == {"model_000003.pt", "optim_000003_rank0.pt"}  # (save_checkpoint adds the hashes)
+    assert {**meta, "sha256": None} == asdict(state) and meta["loss_scale"] == [512.0, 37]  # keys: RunState's fields
 
     fresh, fresh_optimizer = trained_model_and_optimizer(1)
     fresh_scaler = GradScaler(enabled=True)
@@ -161,7 +163,7 @@ def test_save_then_resume_restores_model_optimizer_loss_scale_and_state(tmp_path
             assert torch.equal(value, loaded["state"][index][key]) if torch.is_tensor(value) else value == loaded["state"][index][key]
 
     # A shard of a 2-process run: this process holds only half of the optimizer, so it must refuse
-    torch.save({**saved, "world_size": 2}, tmp_path / "optim_000003_rank0.pt")
+    save_checkpoint(str(tmp_path), 3, model.state_dict(), {**saved, "world_size": 2}, {**meta, "sha256": None})
     with pytest.raises(UserError, match="saved by 2 process\\(es\\) and this run has 1: .* resume with 2"):
         resumed.resume(str(tmp_path), fresh, fresh_optimizer, fresh_scaler)
 
