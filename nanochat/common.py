@@ -227,6 +227,11 @@ def _report_user_errors(print_traceback):
     return excepthook
 
 
+def report_user_errors():
+    """For scripts that need no device (the tokenizer's): user errors as one line, as compute_init arranges for the rest."""
+    sys.excepthook = _report_user_errors(sys.excepthook)
+
+
 # Tearing down a distributed run. The process group owns background threads (gloo's worker loops) that
 # hold the last references to finished collectives and their tensors. If they are still alive when the
 # interpreter finalizes, a worker that drops such a tensor needs the GIL, is told to exit instead, and

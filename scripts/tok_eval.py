@@ -7,9 +7,12 @@ python -m scripts.tok_eval
 
 import textwrap
 
+from nanochat.common import report_user_errors
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
+
+report_user_errors()  # a missing or damaged tokenizer or shard is one line naming it
 
 MATH_TEXT = r"""
 \begin{theorem}[Cauchy--Schwarz]

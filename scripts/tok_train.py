@@ -10,7 +10,7 @@ import argparse
 import os
 import time
 
-from nanochat.common import get_base_dir, positive
+from nanochat.common import get_base_dir, positive, report_user_errors
 from nanochat.dataset import parquets_iter_batched, split_files
 from nanochat.datasource import remember_embedded_setting
 from nanochat.report import get_report
@@ -22,6 +22,7 @@ parser.add_argument("--max-chars", type=positive(int), default=2_000_000_000, he
 parser.add_argument("--doc-cap", type=positive(int), default=10_000, help="use at most this many characters of each document")
 parser.add_argument("--vocab-size", type=positive(int), default=32768, help="vocabulary size, special tokens included")
 args = parser.parse_args()
+report_user_errors()  # a damaged shard is one line naming it
 min_vocab_size = 256 + len(CONTROL_TOKENS)
 if args.vocab_size < min_vocab_size:
     parser.error(f"--vocab-size must be at least {min_vocab_size} (256 bytes + {len(CONTROL_TOKENS)} special tokens)")

@@ -373,3 +373,16 @@ def test_base_loss_with_a_flipped_model_file_names_it(checkpoint, base_dir):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"base_loss.py: error: Checkpoint file {path} does not "
                                                              f"have the sha256 its meta recorded"), result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["scripts.tok_train", "scripts.tok_eval"])
+def test_the_tokenizer_scripts_name_a_damaged_shard_in_one_line(script, tokenizer_dir, base_dir):
+    """They need no device (no compute_init), yet a damaged shard is the same one line as in every other script."""
+    shards = base_dir / "base_data"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"shard_{i:05d}.parquet").write_bytes(GARBAGE(b"x" * 4096))
+    result = run_script(script, env={"NANOCHAT_BASE_DIR": str(base_dir)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{script.split('.')[1]}.py: error: Damaged shard: "), result.stderr
