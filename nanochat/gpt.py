@@ -448,8 +448,9 @@ class GPT(nn.Module):
             if top_k is not None and top_k > 0:
                 kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth_best, -float("inf"))
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
+            if temperature > 0:  # (max subtracted, divisor >= the smallest normal float: a tiny temperature is greedy, not NaN)
+                logits = logits - logits.max(dim=-1, keepdim=True).values
+                probs = F.softmax(logits / max(temperature, torch.finfo(logits.dtype).tiny), dim=-1)
                 next_id = torch.multinomial(probs, num_samples=1, generator=generator)
             else:
                 next_id = torch.argmax(logits, dim=-1, keepdim=True)

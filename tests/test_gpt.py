@@ -327,6 +327,7 @@ def test_generate_is_greedy_at_temperature_zero_and_seeded_otherwise():
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert list(model.generate(prompt, max_tokens=6, temperature=0.0)) == ids[3:]
     assert list(model.generate(prompt, max_tokens=6, top_k=1)) == ids[3:]
+    assert list(model.generate(prompt, max_tokens=6, temperature=1e-300)) == ids[3:]  # tiny: greedy, not NaN
     sampled = list(model.generate(prompt, max_tokens=20, temperature=1.0, seed=7))
     assert sampled == list(model.generate(prompt, max_tokens=20, temperature=1.0, seed=7))
     assert all(0 <= t < 100 for t in sampled)
