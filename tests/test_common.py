@@ -95,3 +95,32 @@ def test_sys_exit_leaves_the_group_cleanly(tmp_path):
     assert returncode == 0, output
     for rank in (0, 1):
         assert f"rank {rank} gloo threads at exit: []" in output, output
+
+
+# Every rank must use the same attention backend (a node without the FA3 kernels, or with another GPU, would
+# compute attention differently from the rest): rank 1 is forced onto another one here.
+BACKEND_SCRIPT = """
+import os
+from nanochat import flash_attention
+from nanochat.common import compute_init, compute_cleanup
+if os.environ["RANK"] == "1":
+    flash_attention._override_impl = "flex"
+compute_init("cpu")
+print("started", flush=True)
+compute_cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_with_different_attention_backends_stop_at_start(tmp_path):
+    returncode, output = run_script_torchrun(tmp_path, BACKEND_SCRIPT)
+    assert returncode != 0 and "started" not in output, output
+    line = ("worker.py: error: The ranks of this run disagree on the attention backend (rank 0: sdpa; rank 1: flex): "
+            "every node needs the same GPU model and the same software")
+    assert output.count(line) == 2 and "]: Traceback" not in output, output  # (no rank's traceback, the launcher's is fine)
+
+
+def test_rank_ranges():
+    from nanochat.common import _rank_ranges
+    assert _rank_ranges([3]) == "rank 3"
+    assert _rank_ranges([0, 1, 2, 5, 7, 8]) == "ranks 0-2, 5, 7-8"
