@@ -3,12 +3,14 @@ Memory and time of one DistMuonAdamW step beyond what the run already holds (par
 optimizer state), for the real param groups of a GPT of a given --depth, on CPU ranks (gloo). Every rank
 prints its figures:
 - tensors: the peak bytes of the tensors the step itself allocates and that are alive at once (counted
-  at the dispatcher: every new storage an op returns, until it is freed). This is what the step adds on a
-  GPU too; gloo's own internal copies are not tensors of ours and are not counted here.
+  at the dispatcher: every new storage an op returns, until it is freed). A GPU step allocates the same
+  buffers (its compiled update math, fewer temporaries); gloo's internal copies are not counted here.
 - RSS: the peak resident memory during the step above the resident memory before it (Linux VmHWM,
-  reset before each step), which does include gloo's internal copies.
+  reset before each step), which does include gloo's internal copies. MALLOC_MMAP_THRESHOLD_ makes glibc
+  hand every large block back to the system when it is freed, so that RSS follows the live memory.
 
-    torchrun --standalone --nproc_per_node=2 -m dev.bench_dist_optim --depth 8 --vocab-size 8192
+    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 \
+        -m dev.bench_dist_optim --depth 8 --vocab-size 8192
 """
 
 import argparse
