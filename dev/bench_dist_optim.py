@@ -72,7 +72,7 @@ optimizer = model.setup_optimizer()
 muon_bytes = sum(p.nbytes for g in optimizer.param_groups if g["kind"] == "muon" for p in g["params"])
 adamw_bytes = sum(p.nbytes for g in optimizer.param_groups if g["kind"] == "adamw" for p in g["params"])
 print0(f"depth {args.depth}, n_embd {config.n_embd}, {world_size} ranks, {torch.get_num_threads()} threads/rank: "
-       f"Muon matrices {muon_bytes / 2**20:.1f} MiB, AdamW tensors {adamw_bytes / 2**20:.1f} MiB (fp32 or compute dtype)")
+       f"Muon matrices {muon_bytes / 2**20:.1f} MiB, AdamW tensors {adamw_bytes / 2**20:.1f} MiB")
 
 generator = torch.Generator().manual_seed(rank)
 for p in model.parameters():

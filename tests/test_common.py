@@ -126,7 +126,7 @@ def test_ranks_with_different_attention_backends_stop_at_start(tmp_path):
     assert returncode != 0 and "started" not in output, output
     line = ("worker.py: error: The ranks of this run disagree on the attention backend (rank 0: sdpa; rank 1: flex): "
             "every node needs the same GPU model and the same software")
-    assert output.count(line) == 2 and "]: Traceback" not in output, output  # (no rank's traceback, the launcher's is fine)
+    assert output.count(line) == 2 and "]: Traceback" not in output, output  # (no rank's traceback; the launcher's is fine)
 
 
 def test_rank_ranges():
