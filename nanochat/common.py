@@ -8,8 +8,10 @@ nanochat/datasource.py.)
 import os
 import re
 import sys
+import time
 import atexit
 import contextlib
+import secrets
 import shutil
 import socket
 import argparse
@@ -168,7 +170,10 @@ def compute_init(device_type="", seed=42):
     """
     Seed, pick the device, and join the process group when launched by torchrun (nccl on CUDA, gloo on
     CPU). From here on, a user error ends the script with one line instead of a traceback, and a
-    distributed run leaves its group safely however it ends (see below).
+    distributed run leaves its group safely however it ends (see below). A distributed run also checks
+    that every rank sees the same base dir and gets the same attention backend, and stops at once if not.
+    The device of a CUDA rank is its LOCAL_RANK (its GPU on its node); data and optimizer shards follow
+    the global RANK.
     Returns (ddp, rank, local_rank, world_size, device).
     """
     sys.excepthook = _report_user_errors(sys.excepthook)
@@ -212,9 +217,79 @@ def compute_init(device_type="", seed=42):
         dist.barrier()
     else:
         device = torch.device(device_type)
+    if ddp:
+        check_base_dir_shared(rank)
+        from nanochat import flash_attention  # (here: flash_attention imports this module)
+        check_same_on_all_ranks("the attention backend", flash_attention.backend_name(device_type),
+                                "every node needs the same GPU model and the same software; run `bash runs/setup.sh` "
+                                "on each node (it installs `kernels` and caches the FA3 kernels)")
     if rank == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     return ddp, rank, local_rank, world_size, device
+
+
+def _rank_ranges(ranks):
+    """[0, 1, 2, 5] -> 'ranks 0-2, 5'."""
+    runs = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+def check_same_on_all_ranks(what, value, fix):
+    """Stop every rank, with one line saying which ranks have which value and how to fix it, unless all agree."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        ranks_of = {}
+        for rank, v in enumerate(values):
+            ranks_of.setdefault(v, []).append(rank)
+        listing = "; ".join(f"{_rank_ranges(ranks)}: {v}" for v, ranks in ranks_of.items())
+        raise UserError(f"The ranks of this run disagree on {what} ({listing}): {fix}")
+
+
+def check_base_dir_shared(rank, patience=10.0):
+    """
+    Every rank reads what rank 0 writes in the base dir (the tokenizer, checkpoints, data), so on several nodes it
+    must be one shared directory. Rank 0 writes a marker with a random name into it; every rank must see it
+    (waiting up to `patience` seconds for a network filesystem), else every rank stops with one line.
+    """
+    base_dir = get_base_dir()
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token)
+    marker = os.path.join(base_dir, f".shared_check_{token[0]}")
+    if rank == 0:
+        try:
+            atomic_write(marker, lambda f: f.write(token[0].encode()))
+        except OSError as e:
+            raise UserError(f"Cannot write in the base dir {base_dir} ({e}): set NANOCHAT_BASE_DIR to a writable "
+                            "directory (shared by every node)") from e
+    dist.barrier()
+    deadline = time.monotonic() + patience
+    while not _holds(marker, token[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (_holds(marker, token[0]), base_dir))  # (after it every rank has looked)
+    if rank == 0:
+        os.remove(marker)
+    blind = [r for r, (sees, _) in enumerate(views) if not sees]
+    if blind:
+        their_dirs = ", ".join(sorted({views[r][1] for r in blind}))
+        raise UserError(f"{_rank_ranges(blind).capitalize()} cannot see the files rank 0 writes in its base dir "
+                        f"{views[0][1]} (theirs: {their_dirs}): the base dir must be shared storage that every node "
+                        "mounts, so set NANOCHAT_BASE_DIR to one shared directory on every node")
+
+
+def _holds(path, text):
+    try:
+        with open(path) as f:
+            return f.read() == text
+    except OSError:
+        return False
 
 
 def _report_user_errors(print_traceback):

@@ -117,6 +117,19 @@ def _use_fa3():
     return _override_impl in (None, "fa3") and _fa3() is not None
 
 
+def backend_name(device_type):
+    """
+    The backend that serves this process's attention on device_type, as _pick_backend decides it: 'fa3' (FA3 for
+    bf16/fp16, sdpa for fp32), 'flex' (compiled CUDA code; sdpa eager), 'sdpa', or the one _override_impl forces.
+    Every rank of a run must get the same one (common.compute_init checks).
+    """
+    if _use_fa3() and (device_type == "cuda" or _override_impl == "fa3"):
+        return "fa3"
+    if _override_impl in ("flex", "sdpa"):
+        return _override_impl
+    return "flex" if device_type == "cuda" else "sdpa"
+
+
 def _pick_backend(q):
     if _use_fa3() and (q.is_cuda or _override_impl == "fa3"):
         if q.dtype in FA3_DTYPES:

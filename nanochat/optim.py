@@ -258,6 +258,10 @@ class DistMuonAdamW(MuonAdamW):
     (c = ceil(K / world_size)), and holds optimizer state only for what it owns. Tensors under
     ALL_REDUCE_MAX_NUMEL elements are all-reduced and updated whole on every rank.
     state_dict() is this rank's shard: save one file per rank, resume with the same world size.
+
+    Memory: a step allocates one stacked buffer per Muon group (its gradients, then its updated matrices)
+    and one reduced-gradient shard per tensor or group; every all_gather writes in place (into that buffer,
+    or into the AdamW parameter itself), so nothing else is copied (dev/bench_dist_optim.py, dev/LOG.md).
     """
 
     @torch.no_grad()
@@ -267,25 +271,32 @@ class DistMuonAdamW(MuonAdamW):
         reductions = [self._launch_reduce(group, world_size) for group in self.param_groups]
         # Phase 2: group by group, wait for its gradients, update the owned shard, launch its all_gather.
         gathers = []
-        for group, reduction in zip(self.param_groups, reductions):
+        for i, group in enumerate(self.param_groups):
+            reduction, reductions[i] = reductions[i], None  # (its reduced gradients are freed after the update)
             update = self._update_adamw_shards if group["kind"] == "adamw" else self._update_muon_shard
             gathers += update(group, reduction, rank, world_size)
-        # Phase 3: wait for every shard and copy the gathered values (views, filled once the work is
-        # done) back into the parameters.
+        # Phase 3: wait for every all_gather and copy the gathered values into the parameters that are not
+        # themselves the gather's output.
         for work, sources, targets in gathers:
             work.wait()
-            torch._foreach_copy_(targets, sources)
+            if targets:
+                torch._foreach_copy_(targets, sources)
 
     def _launch_reduce(self, group, world_size):
-        """Start averaging the group's gradients; returns (work, reduced gradient) per tensor or stack."""
+        """Start averaging the group's gradients; returns (work, input, reduced shard) per tensor or group."""
         if group["kind"] == "muon":
-            grads = _pad_dim0(torch.stack([_grad_of(p) for p in group["params"]]), world_size)
-            return [self._launch_reduce_scatter(grads, world_size)]
+            params = group["params"]
+            # One stacked buffer for the group, zero-padded to a multiple of world_size matrices: the
+            # reduce_scatter reads the gradients from it, and later the all_gather writes the matrices into it.
+            stacked = params[0].new_empty((-(-len(params) // world_size) * world_size, *params[0].shape))
+            torch._foreach_copy_(list(stacked[: len(params)].unbind(0)), [_grad_of(p) for p in params])
+            stacked[len(params) :].zero_()
+            return [self._launch_reduce_scatter(stacked, world_size)]
         reductions = []
         for p in group["params"]:
             grad = _grad_of(p)
             if p.numel() < ALL_REDUCE_MAX_NUMEL:
-                reductions.append((dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True), grad))
+                reductions.append((dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True), grad, grad))
             else:
                 reductions.append(self._launch_reduce_scatter(_pad_dim0(grad, world_size), world_size))
         return reductions
@@ -293,39 +304,45 @@ class DistMuonAdamW(MuonAdamW):
     @staticmethod
     def _launch_reduce_scatter(padded, world_size):
         shard = padded.new_empty((padded.size(0) // world_size, *padded.shape[1:]))
-        return _reduce_scatter(shard, padded, op=dist.ReduceOp.AVG, async_op=True), shard
+        return _reduce_scatter(shard, padded, op=dist.ReduceOp.AVG, async_op=True), padded, shard
 
     @staticmethod
-    def _launch_all_gather(shard, world_size):
-        gathered = shard.new_empty((shard.size(0) * world_size, *shard.shape[1:]))
-        return _all_gather(gathered, shard.contiguous(), async_op=True), gathered
+    def _owned(padded, rank, world_size):
+        """This rank's chunk of dim 0: a view, so an update of it lands in padded."""
+        chunk = padded.size(0) // world_size
+        return padded[rank * chunk : (rank + 1) * chunk]
 
     def _update_adamw_shards(self, group, reductions, rank, world_size):
         gathers = []
-        for p, (work, grad) in zip(group["params"], reductions):
+        for p, (work, _, grad) in zip(group["params"], reductions):
             work.wait()
             if p.numel() < ALL_REDUCE_MAX_NUMEL:
                 self._adamw_update(self.state[p], p, grad, group)
                 continue
-            # The padding rows have zero grad and zero value, so the update keeps them at zero.
+            # p itself when dim 0 divides evenly; otherwise a copy whose padding rows have zero grad and zero
+            # value, so the update keeps them at zero.
             padded = _pad_dim0(p, world_size)
-            chunk = padded.size(0) // world_size
-            shard = padded[rank * chunk : (rank + 1) * chunk]
-            self._adamw_update(self.state[p], shard, grad, group)
-            gather_work, gathered = self._launch_all_gather(shard, world_size)
-            gathers.append((gather_work, [gathered[: p.size(0)]], [p]))
+            owned = self._owned(padded, rank, world_size)
+            self._adamw_update(self.state[p], owned, grad, group)
+            # In place (the input is this rank's chunk of the output, as FSDP2 gathers too): nothing to copy back
+            # unless padded is a copy.
+            gather_work = _all_gather(padded, owned, async_op=True)
+            gathers.append((gather_work, [padded[: p.size(0)]], [] if padded is p else [p]))
         return gathers
 
     def _update_muon_shard(self, group, reductions, rank, world_size):
-        [(work, grads)] = reductions
-        work.wait()
+        [(work, stacked, grads)] = reductions
+        work.wait()  # stacked's gradients are reduced into grads: the buffer is free again
         params = group["params"]
-        chunk = grads.size(0)
-        # Zero-padding matrices stay exactly zero through the update (zero momentum, zero polar factor).
-        owned = _pad_dim0(torch.stack(params), world_size)[rank * chunk : (rank + 1) * chunk].contiguous()
+        owned = self._owned(stacked, rank, world_size)
+        first = rank * owned.size(0)
+        mine = params[first : first + owned.size(0)]  # (none or fewer at the end: padding)
+        if mine:
+            torch._foreach_copy_(list(owned[: len(mine)].unbind(0)), mine)
+        owned[len(mine) :].zero_()  # zero-padding matrices stay exactly zero (zero momentum, zero polar factor)
         self._muon_update(self.state[params[0]], owned, grads, group)
-        gather_work, gathered = self._launch_all_gather(owned, world_size)
-        return [(gather_work, list(gathered[: len(params)].unbind(0)), params)]
+        gather_work = _all_gather(stacked, owned, async_op=True)  # in place, as for AdamW
+        return [(gather_work, list(stacked[: len(params)].unbind(0)), params)]
 
     def state_dict(self):
         state_dict = super().state_dict()

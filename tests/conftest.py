@@ -47,15 +47,16 @@ def pretrain_texts(max_chars=2_000_000, shard=0):
         yield text
 
 
-def run_torchrun(*args, nproc=2, env=None, timeout=300):
+def run_torchrun(*args, nproc=2, env=None, timeout=300, rendezvous=("--standalone",)):
     """
     -> (exit status, stdout and stderr together) of `torchrun --standalone --nproc_per_node=nproc *args` (a script
     and its arguments, or "-m", a module and its arguments) run from the repo root with one thread per rank and
     `env` on top of ours. On a timeout the launcher, which stops its ranks, is stopped and the timeout raised.
+    rendezvous: the launcher flags that replace --standalone (one node of several: --nnodes, --node-rank, ...).
     """
     # the repo and tests/ importable, as in the tests: a worker can take its models from helpers.py
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{REPO_ROOT / 'tests'}", **(env or {})}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous,
                                  f"--nproc_per_node={nproc}", *map(str, args)], cwd=REPO_ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -12,11 +12,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.chat_train import IGNORE_INDEX, loss_normaliser
+from nanochat.common import compute_cleanup, compute_init
 from nanochat.gpt import build_gpt
 from helpers import tiny_config
 
-dist.init_process_group(backend="gloo")
-rank, world_size = dist.get_rank(), dist.get_world_size()
+# compute_init, not a bare init_process_group: building and running the model imports torch.distributed.nn,
+# which, imported after the group exists, keeps the group and its gloo threads alive past its destruction,
+# where they can abort the process at exit (see common.py)
+_, rank, _, world_size, _ = compute_init("cpu")
 torch.manual_seed(0)  # the same model and data on every rank; each rank trains on its own share
 model = build_gpt(tiny_config(n_layer=1, n_embd=32), "cpu")
 torch.nn.init.normal_(model.lm_head.weight, std=0.1)
@@ -38,5 +41,4 @@ if rank == 0:
     reference = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(grads, reference, rtol=1e-4, atol=1e-7)
     print(f"rank 0 ok: averaged gradient = mean over {(targets != IGNORE_INDEX).sum().item()} trained tokens")
-dist.barrier()
-dist.destroy_process_group()
+compute_cleanup()

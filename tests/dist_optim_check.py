@@ -1,7 +1,8 @@
 """
-torchrun worker for tests/test_optim.py (2 ranks, gloo): DistMuonAdamW on each rank's half of a global
-batch must follow MuonAdamW on the whole batch, keep sharded state, and resume exactly from its
-per-rank state files, and fp16 loss scaling must skip an overflowing step on every rank. Usage: torchrun --nproc_per_node=2 tests/dist_optim_check.py OUT_DIR
+torchrun worker for tests/test_optim.py (2 ranks) and tests/test_multinode.py (2 nodes x 2 ranks), gloo:
+DistMuonAdamW on each rank's share of a global batch must follow MuonAdamW on the whole batch, keep
+sharded state, and resume exactly from its per-rank state files, and fp16 loss scaling must skip an
+overflowing step on every rank. Usage: torchrun --nproc_per_node=2 tests/dist_optim_check.py OUT_DIR
 Exits non-zero (an AssertionError) on any mismatch.
 """
 
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 from nanochat.common import compute_init, compute_cleanup
 from nanochat.optim import DistMuonAdamW, GradScaler, MuonAdamW, apply_schedules, get_lr_multiplier
 
-GLOBAL_BATCH = 16
+GLOBAL_BATCH = 16  # splits evenly over 2 or 4 ranks
 STEPS = 6
 SAVE_AFTER = 3
 # Tolerance against the single-process run: both apply the identical update math, but the
-# distributed gradient is the average of two half-batch means (summed in another order than one
+# distributed gradient is the average of the ranks' share-of-batch means (summed in another order than one
 # full-batch mean), so gradients differ by float32 rounding (~1e-7 relative). Adam's normalisation and
 # Muon's orthogonalisation pass that on at about the same relative size; after 6 steps we measure
 # ~8e-7 absolute. A real bug (wrong shard, missing average, bad padding) moves params by ~lr = 1e-2.
@@ -32,8 +33,8 @@ def make_params():
         "emb": torch.randn(129, 16, generator=g),  # 2064 elements, dim 0 odd: padded reduce_scatter
         "head": torch.randn(72, 16, generator=g) * 0.1,  # 1152 elements, dim 0 even: plain reduce_scatter
         "scale": torch.ones(16),  # < 1024 elements: all_reduce, updated whole on every rank
-        "square": [torch.randn(16, 16, generator=g) * 0.25 for _ in range(3)],  # 3 matrices on 2 ranks
-        "up": [torch.randn(32, 16, generator=g) * 0.25],  # 1 tall matrix: rank 1 owns only padding
+        "square": [torch.randn(16, 16, generator=g) * 0.25 for _ in range(3)],  # 3 matrices: padded to 4
+        "up": [torch.randn(32, 16, generator=g) * 0.25],  # 1 tall matrix: ranks > 0 own only padding
         "down": [torch.randn(16, 32, generator=g) * 0.25],  # wide
     }
     return {k: [p.requires_grad_() for p in v] if isinstance(v, list) else v.requires_grad_() for k, v in params.items()}
@@ -78,10 +79,10 @@ def train_step(params, optimizer, step, rank_slice):
 
 def main():
     out_dir = sys.argv[1]
-    _, rank, _, world_size, _ = compute_init("cpu")
-    assert world_size == 2, "run with --nproc_per_node=2"
-    half = GLOBAL_BATCH // world_size
-    my_half = slice(rank * half, (rank + 1) * half)
+    _, rank, local_rank, world_size, _ = compute_init("cpu")
+    assert world_size in (2, 4), "run with 2 or 4 ranks"
+    share = GLOBAL_BATCH // world_size
+    my_share = slice(rank * share, (rank + 1) * share)
 
     dist_params, ref_params = make_params(), make_params()
     dist_opt, ref_opt = DistMuonAdamW(make_groups(dist_params)), MuonAdamW(make_groups(ref_params))
@@ -90,22 +91,24 @@ def main():
         if step == SAVE_AFTER:
             torch.save(dist_opt.state_dict(), os.path.join(out_dir, f"optim_rank{rank}.pt"))
             saved_params = {k: copy.deepcopy(v) for k, v in dist_params.items()}
-        train_step(dist_params, dist_opt, step, my_half)
+        train_step(dist_params, dist_opt, step, my_share)
         train_step(ref_params, ref_opt, step, slice(None))
         max_diff = max(max_diff, max((d - r).abs().max().item() for d, r in zip(flat(dist_params), flat(ref_params))))
-    print(f"rank {rank}: max |dist - single| over {STEPS} steps = {max_diff:.2e} (atol {ATOL})", flush=True)
+    print(f"rank {rank} (local rank {local_rank}) of {world_size}: max |dist - single| over {STEPS} steps = "
+          f"{max_diff:.2e} (atol {ATOL})", flush=True)
     assert max_diff < ATOL, f"DistMuonAdamW diverged from MuonAdamW by {max_diff}"
 
-    # ZeRO-2: each rank holds state only for its shard (dim 0 padded to 130 -> 65 rows; 3 matrices -> 2 each).
-    assert dist_opt.state[dist_params["emb"]]["exp_avg"].shape == (65, 16)
-    assert dist_opt.state[dist_params["square"][0]]["momentum_buffer"].shape == (2, 16, 16)
+    # ZeRO-2: each rank holds state only for its shard (129 rows padded to 130 or 132 -> 65 or 33 rows each;
+    # 3 matrices padded to 4 -> 2 or 1 each).
+    assert dist_opt.state[dist_params["emb"]]["exp_avg"].shape == (-(-129 // world_size), 16)
+    assert dist_opt.state[dist_params["square"][0]]["momentum_buffer"].shape == (-(-3 // world_size), 16, 16)
     assert dist_opt.state[dist_params["scale"]]["exp_avg"].shape == (16,)
 
     # Resume from the per-rank file and replay the last steps: the trajectory must be identical.
     resumed_opt = DistMuonAdamW(make_groups(saved_params))
     resumed_opt.load_state_dict(torch.load(os.path.join(out_dir, f"optim_rank{rank}.pt")))
     for step in range(SAVE_AFTER, STEPS):
-        train_step(saved_params, resumed_opt, step, my_half)
+        train_step(saved_params, resumed_opt, step, my_share)
     for resumed, original in zip(flat(saved_params), flat(dist_params)):
         assert torch.equal(resumed, original), "resumed DistMuonAdamW trajectory differs"
     print(f"rank {rank}: resume from per-rank state is exact", flush=True)
@@ -117,7 +120,7 @@ def main():
         before = [p.detach().clone() for p in flat(dist_params)]
         dist_opt.zero_grad(set_to_none=True)
         idx, targets = batch(STEPS)
-        scaler.scale_loss(loss_fn(dist_params, idx[my_half], targets[my_half])).backward()
+        scaler.scale_loss(loss_fn(dist_params, idx[my_share], targets[my_share])).backward()
         if overflow and rank == 1:
             dist_params["square"][0].grad[0, 0] = float("inf")
         assert scaler.step(dist_opt) is not overflow
