@@ -19,12 +19,13 @@ from nanochat.report import get_report
 from nanochat.run import add_checkpoint_flags
 from nanochat.tokenizer import get_token_bytes
 
-GPU_SPLIT_TOKENS, CPU_SPLIT_TOKENS = 40 * 524288, 2**17
+GPU_SPLIT_TOKENS, CPU_SPLIT_TOKENS = 40 * 524288, 2**16
 
 parser = argparse.ArgumentParser(description="bpb on train/val and samples of a trained model")
 add_checkpoint_flags(parser, "base", sorted(STAGE_DIRS))
-parser.add_argument("--split-tokens", type=positive(int), default=None, help=f"tokens evaluated per split (default: "
-                    f"{GPU_SPLIT_TOKENS:,} on a GPU, {CPU_SPLIT_TOKENS:,} elsewhere: ~15 s per split for a d4 model on 2 CPU cores)")
+parser.add_argument("--split-tokens", type=positive(int), default=None,
+                    help=f"tokens evaluated per split (default: {GPU_SPLIT_TOKENS:,} on a GPU, {CPU_SPLIT_TOKENS:,} "
+                    "elsewhere: ~15 s per split for a d4 model on 2 AVX2 cores in fp32)")
 parser.add_argument("--device-batch-size", type=int, default=-1,
                     help="rows per forward pass (-1 = the largest that fits: found by trying on a GPU, 32 elsewhere)")
 parser.add_argument("--num-samples", type=int, default=8, help="unconditioned samples to print")

@@ -85,7 +85,7 @@ PROGRESS_RESOLUTION = 1000  # the LR schedule runs on progress, in thousandths (
 
 def training_mixture(max_examples_per_task, user_data=(), data_only=False):
     """-> (train, val) mixtures of conversations, each task capped at max_examples_per_task (-1 = all).
-    user_data: [(task, passes)] of the --data files, added to the mixture (or, data_only, the whole of it)."""
+    user_data: [(path, task, passes)] of the --data files, added to the mixture (or, data_only, the whole of it)."""
     def capped(task):
         return first_examples(task, max_examples_per_task)
 
@@ -94,20 +94,22 @@ def training_mixture(max_examples_per_task, user_data=(), data_only=False):
         print0(f"Note: no identity conversations at {identity_path}; fine-tuning without them")
     # One stage for what were mid-training and SFT: no worse at d4, and simpler (dev/LOG.md, "One SFT stage
     # replaces mid-training + SFT").
-    train_tasks = [] if data_only else [
-        capped(SmolTalk(split="train")),  # general conversations
-        *[capped(mmlu_training_set())] * 3,  # multiple choice, 3 passes (offline: a small local stand-in, it says so)
-        *[capped(GSM8K(subset="main", split="train"))] * 4,  # math with calculator tool calls, 4 passes
-        *([capped(CustomJSON(filepath=identity_path))] * 2 if os.path.exists(identity_path) else []),  # who the model is
-        capped(SimpleSpelling(size=200000, split="train")),  # spelling, so letters inside tokens become visible
-        capped(SpellingBee(size=80000, split="train")),  # letter counting with a python tool call
+    parts = [] if data_only else [  # (name, task, passes over it per epoch)
+        ("SmolTalk", SmolTalk(split="train"), 1),  # general conversations
+        ("MMLU", mmlu_training_set(), 3),  # multiple choice (offline: a small local stand-in, it says so)
+        ("GSM8K", GSM8K(subset="main", split="train"), 4),  # math with calculator tool calls
+        *([("identity", CustomJSON(filepath=identity_path), 2)] if os.path.exists(identity_path) else []),  # who it is
+        ("SimpleSpelling", SimpleSpelling(size=200000, split="train"), 1),  # so letters inside tokens become visible
+        ("SpellingBee", SpellingBee(size=80000, split="train"), 1),  # letter counting with a python tool call
     ]
-    train_tasks += [capped(task) for task, passes in user_data for _ in range(passes)]
+    parts += [(os.path.basename(path), task, passes) for path, task, passes in user_data]
+    parts = [(name, capped(task), passes) for name, task, passes in parts]
+    train_tasks = [task for _, task, passes in parts for _ in range(passes)]
     train_dataset = TaskMixture(train_tasks)
     val_dataset = TaskMixture([capped(SmolTalk(split="test")), capped(MMLU(subset="all", split="test", stop=5200)),
                                capped(GSM8K(subset="main", split="test", stop=420))])
-    print0(f"Train mixture: {len(train_dataset):,} conversations ({', '.join(str(len(t)) for t in train_tasks)}); "
-           f"val mixture: {len(val_dataset):,}")
+    listing = ", ".join(f"{name} {len(task):,}" + (f" x{passes}" if passes > 1 else "") for name, task, passes in parts)
+    print0(f"Train mixture: {len(train_dataset):,} conversations ({listing}); val mixture: {len(val_dataset):,}")
     return train_dataset, val_dataset
 
 
@@ -125,7 +127,7 @@ def main(argv=None):
         for path, _ in data_specs:
             if not os.path.isfile(path):
                 raise ValueError(f"--data {path}: no such file")
-        user_data = [(CustomJSON(filepath=path), passes) for path, passes in data_specs]
+        user_data = [(path, CustomJSON(filepath=path), passes) for path, passes in data_specs]
     except ValueError as e:
         parser.error(str(e))
 

@@ -156,16 +156,18 @@ def test_chat_sft_adds_your_conversations_to_the_mixture_or_trains_on_them_alone
     chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     common = ["--max-seq-len=128", "--num-iterations=2", "--max-examples-per-task=4", "--eval-every=-1",
               "--chatcore-every=-1", "--dry-run"]
-    mixture = run_stage(chat_sft.main, common, base_dir, capsys, monkeypatch)
+    standard = run_stage(chat_sft.main, common, base_dir, capsys, monkeypatch)
     added = run_stage(chat_sft.main, common + [f"--data={chats}:3"], base_dir, capsys, monkeypatch)
     alone = run_stage(chat_sft.main, common[:-1] + [f"--data={chats}", "--data-only", "--out-tag=mine"], base_dir, capsys,
                       monkeypatch)  # saved beside the pipeline's own SFT model, under its own tag
 
-    def mixture_sizes(output):
-        return [int(n) for n in re.search(r"Train mixture: [\d,]+ conversations \(([\d, ]+)\)", output).group(1).split(", ")]
+    def mixture(output):  # "Train mixture: 36 conversations (SmolTalk 4, MMLU 4 x3, ...)" -> [(name, size, passes)]
+        listing = re.search(r"Train mixture: [\d,]+ conversations \((.*)\); val", output).group(1)
+        return [(name, int(size), int(passes or 1)) for name, size, passes in re.findall(r"(\S+) (\d+)(?: x(\d+))?", listing)]
 
-    assert mixture_sizes(added) == mixture_sizes(mixture) + [4, 4, 4]  # 3 passes over the (capped) file
-    assert mixture_sizes(alone) == [4]
+    assert mixture(added) == mixture(standard) + [("chats.jsonl", 4, 3)]  # 3 passes over the (capped) file
+    assert [name for name, _, _ in mixture(standard)][:3] == ["SmolTalk", "MMLU", "GSM8K"]
+    assert mixture(alone) == [("chats.jsonl", 4, 1)]
     assert len(logged(alone, "loss")) == 2
     assert read_meta(base_dir / "chatsft_checkpoints" / "mine", 2)["source"]["model_tag"] == MODEL_TAG
 
