@@ -14,6 +14,7 @@ killed save are removed by the next save or load in that directory.
 """
 
 import dataclasses
+import datetime
 import glob
 import hashlib
 import json
@@ -361,6 +362,15 @@ def find_largest_model(checkpoints_dir):
     if depth_tags:
         return max(depth_tags)[1]
     return max(tags, key=lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag)))
+
+
+def set_aside(directory):
+    """Move a checkpoint folder out of the way, kept, to base_dir/replaced/<its path>.<date-time> -> that path."""
+    aside = os.path.join(get_base_dir(), "replaced", f"{os.path.relpath(directory, get_base_dir())}."
+                         f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.rename(directory, aside)
+    return aside
 
 
 def complete_steps(checkpoint_dir):

@@ -14,7 +14,6 @@ What the runner has seen: base_dir/pipeline.json.
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -22,7 +21,8 @@ import shlex
 import subprocess
 import sys
 
-from nanochat.checkpoint_manager import STAGE_DIRS, _read_file, _read_json, complete_steps, meta_path, optim_path
+from nanochat.checkpoint_manager import (STAGE_DIRS, _read_file, _read_json, complete_steps, meta_path, optim_path,
+                                        set_aside)
 from nanochat.common import UserError, atomic_write, get_base_dir
 
 STAGES = ["tok", "base", "sft", "rl"]  # in pipeline order: each trains on the result of the one before
@@ -88,10 +88,7 @@ def train(stage, model_tag, command, say):
     if progress != "fresh" and record["trained_on"].setdefault(key, upstream) != upstream:
         # trained (or begun) on a result of the stage before that has since been replaced: start it again
         directory = stage_dir(stage, model_tag)
-        aside = os.path.join(get_base_dir(), "replaced", f"{os.path.relpath(directory, get_base_dir())}."
-                             f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        os.rename(directory, aside)
+        aside = set_aside(directory)
         say(f"trained on {record['trained_on'][key]}, which was replaced by {upstream}: moved {directory} to {aside} "
             f"(delete it when no longer needed); training again")
         progress = "fresh"

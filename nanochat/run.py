@@ -8,12 +8,13 @@ each script: `if run.due(args.eval_every, step, last_step): ...`, `if run.save_d
 import functools
 import gc
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_checkpoint, prune_checkpoints, save_checkpoint
+from nanochat.checkpoint_manager import complete_steps, load_checkpoint, prune_checkpoints, save_checkpoint, set_aside
 from nanochat.common import (UserError, compute_cleanup, compute_init, format_duration, get_max_memory_mb, init_wandb,
                              is_distributed, positive, print0, print_banner)
 from nanochat.report import get_report
@@ -129,6 +130,7 @@ class Run:
         self.user_config = vars(args).copy()
         self.wandb = init_wandb(args.run, wandb_project, self.user_config, self.rank == 0)
         self.state = None  # the RunState that log() adds curve points to: set by resume(), or by the script
+        self.saved = False  # whether this run saved a checkpoint yet
 
     def resume(self, checkpoint_dir, model, optimizer, scaler):
         """
@@ -173,11 +175,29 @@ class Run:
         then rank 0 keeps the --keep-last newest checkpoints and the step this run resumed from.
         """
         state.loss_scale = [scaler.scale, scaler.clean_steps]
+        if not self.saved and self.args.resume_from_step == -1:
+            self.set_aside_earlier_run(checkpoint_dir)
+        self.saved = True
         save_checkpoint(checkpoint_dir, state.step, model.state_dict(), optimizer.state_dict(), asdict(state), rank=self.rank)
         print0(f"Saved checkpoint step {state.step} to {checkpoint_dir}")
         if self.rank == 0 and self.args.keep_last:
             resumed = self.args.resume_from_step
             prune_checkpoints(checkpoint_dir, self.args.keep_last, keep_steps=[resumed] if resumed != -1 else [])
+
+    def set_aside_earlier_run(self, checkpoint_dir):
+        """
+        A fresh run saving where an earlier run left checkpoints would overwrite some of them and leave the rest,
+        and the newest step (which loads by default) could then be the earlier run's: rank 0 moves the earlier
+        run aside first (kept: base_dir/replaced/), saying so.
+        """
+        earlier = os.listdir(checkpoint_dir) if self.rank == 0 and os.path.isdir(checkpoint_dir) else []
+        if any(name.startswith(("model_", "meta_", "optim_")) for name in earlier):
+            steps = complete_steps(checkpoint_dir)
+            aside = set_aside(checkpoint_dir)
+            print0(f"Note: {checkpoint_dir} held an earlier run's checkpoints (steps {steps or 'none complete'}): "
+                   f"moved them to {aside} (delete it when no longer needed; --resume-from-step continues a run)")
+        if self.ddp:
+            dist.barrier()  # no rank writes its optimizer shard before the folder is clear
 
     def log(self, text, step, wandb_only=None, **metrics):
         """Print text (rank 0), add {step, **metrics, time} to the curve, and send the metrics (and wandb_only) to wandb."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError, all_reduce_sum
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import complete_steps, save_checkpoint
 from nanochat.optim import GradScaler
 from nanochat.run import Run, RunState, StepMeter, add_checkpoint_flags, add_run_flags, check_resume_step, restore_process_state
 
@@ -178,6 +178,29 @@ def test_keep_last_keeps_the_newest_and_the_resumed_step(tmp_path, monkeypatch):
     assert steps == [10, 30, 40]
     assert sorted(os.listdir(tmp_path)) == sorted(f"{kind}_{step:06d}{ext}" for step in steps for kind, ext in
                                                   [("model", ".pt"), ("meta", ".json"), ("optim", "_rank0.pt")])
+
+
+def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside_before_its_first_save(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    checkpoint_dir = tmp_path / "chatsft_checkpoints" / "mine"
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    earlier = make_run(monkeypatch)
+    for step in [50, 100]:
+        earlier.save(str(checkpoint_dir), RunState(step=step), model, optimizer, GradScaler(enabled=False))
+    # resuming the earlier run saves beside its checkpoints
+    resumed = make_run(monkeypatch, resume_from_step=50)
+    resumed.save(str(checkpoint_dir), RunState(step=60), model, optimizer, GradScaler(enabled=False))
+    assert complete_steps(str(checkpoint_dir)) == [50, 60, 100]
+    # a fresh run that stops earlier (step 20) must not leave step 100 of another run as the newest: moved aside
+    capsys.readouterr()
+    fresh = make_run(monkeypatch)
+    for step in [10, 20]:
+        fresh.save(str(checkpoint_dir), RunState(step=step), model, optimizer, GradScaler(enabled=False))
+    assert complete_steps(str(checkpoint_dir)) == [10, 20]
+    [aside] = (tmp_path / "replaced" / "chatsft_checkpoints").iterdir()
+    assert aside.name.startswith("mine.") and complete_steps(str(aside)) == [50, 60, 100]
+    assert f"held an earlier run's checkpoints (steps [50, 60, 100]): moved them to {aside}" in capsys.readouterr().out
 
 
 def test_a_meta_with_keys_unknown_to_run_state_still_loads():
