@@ -18,7 +18,7 @@ from nanochat.run import add_checkpoint_flags
 from tasks.chatcore import TASKS, evaluate_task, chatcore
 
 
-CPU_MAX_PROBLEMS = 50  # a d4 model answers 50 generative problems in ~2-3 minutes on 2 cores (dev/LOG.md)
+CPU_MAX_PROBLEMS = 50  # a d4 model answers 50 generative problems in ~35-50 s on 2 AVX2 cores (dev/LOG.md)
 
 
 def parse_task_names(spec):
