@@ -149,8 +149,19 @@ def _bwrap_command(workdir):
     devices = [arg for device in ["null", "zero", "random", "urandom"] for arg in ["--dev-bind", f"/dev/{device}", f"/dev/{device}"]]
     return ["bwrap", "--ro-bind", "/", "/", "--proc", "/proc",  # a fresh /proc: only the sandbox's own processes
             "--size", "65536", "--tmpfs", "/dev", *devices, "--remount-ro", "/dev",  # no /dev/shm, nothing writable
-            "--size", "65536", "--tmpfs", "/tmp", "--size", str(DISK_LIMIT), "--tmpfs", workdir, "--remount-ro", "/tmp",
+            "--size", "65536", "--tmpfs", "/tmp", "--size", str(DISK_LIMIT), "--tmpfs", workdir,
+            *[arg for path in _code_under_tmp() for arg in ["--ro-bind", path, path]], "--remount-ro", "/tmp",
             "--chdir", workdir, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--"]
+
+
+def _code_under_tmp():
+    """
+    The folders the sandbox's processes run from (this interpreter, its environment, this package) that lie
+    under /tmp, which the sandbox replaces with an empty one: shown again, read-only (a clone or a venv in /tmp).
+    """
+    folders = [sys.prefix, sys.base_prefix, os.path.dirname(sys.executable), os.path.dirname(__file__)]
+    paths = {path for folder in folders for path in (os.path.abspath(folder), os.path.realpath(folder))}
+    return sorted(path for path in paths if path.startswith("/tmp/"))
 
 
 @functools.cache

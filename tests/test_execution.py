@@ -365,3 +365,20 @@ def test_falls_back_to_the_guard_with_one_warning(isolation, bwrap_script, tmp_p
     message = caplog.records[0].getMessage()
     assert ("No permissions to create a new namespace" if bwrap_script else "not installed") in message
     assert "stops accidents, not code written to escape" in message
+
+
+def test_an_interpreter_and_package_under_tmp_still_get_the_sandbox(isolation, tmp_path):
+    """The sandbox replaces /tmp with an empty one: a venv and a clone that live there are shown to it again."""
+    if isolation == "guard":
+        pytest.skip("about bubblewrap: runs once, with it")
+    if not str(tmp_path.resolve()).startswith("/tmp/") or not bubblewrap_works():
+        pytest.skip("needs pytest's temp dir under /tmp and a working bubblewrap")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=60)
+    (tmp_path / "clone").mkdir()
+    os.symlink(REPO_ROOT / "nanochat", tmp_path / "clone" / "nanochat")  # (execution.py needs nothing beyond it)
+    script = ("import logging; logging.basicConfig(); from nanochat.execution import bubblewrap_works, execute_code; "
+              "print(bubblewrap_works(), execute_code('print(6 * 7)').stdout.strip())")
+    result = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "clone"), "NANOCHAT_NO_BWRAP": "0"},
+                            timeout=120)
+    assert result.stdout.split() == ["True", "42"], result.stdout + result.stderr
