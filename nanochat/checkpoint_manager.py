@@ -366,8 +366,9 @@ def find_largest_model(checkpoints_dir):
 
 def set_aside(directory):
     """Move a checkpoint folder out of the way, kept, to base_dir/replaced/<its path>.<date-time> -> that path."""
-    aside = os.path.join(get_base_dir(), "replaced", f"{os.path.relpath(directory, get_base_dir())}."
-                         f"{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    name = os.path.relpath(directory, get_base_dir())
+    name = os.path.basename(os.path.abspath(directory)) if name.startswith("..") else name  # (outside the base dir)
+    aside = os.path.join(get_base_dir(), "replaced", f"{name}.{datetime.datetime.now():%Y%m%d-%H%M%S}")
     os.makedirs(os.path.dirname(aside), exist_ok=True)
     os.rename(directory, aside)
     return aside
