@@ -4,6 +4,7 @@ Supervised fine-tuning: turn a base model into a chat model, in one stage.
     python -m scripts.chat_sft                                        # from the latest base model
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft
     python -m scripts.chat_sft --data my_chats.jsonl:3                # + your conversations, 3 passes per epoch
+    python -m scripts.chat_sft -i sft --data my_chats.jsonl --out-tag=mine   # tune the SFT model further
 
 Data: one shuffled mixture of conversations: general chat (SmolTalk), multiple choice (MMLU, 3 passes),
 math with calculator calls (GSM8K, 4 passes), who the model is (identity, 2 passes) and spelling, plus
@@ -53,7 +54,7 @@ from tasks.spellingbee import SpellingBee, SimpleSpelling
 # -----------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Fine-tune a base model on a mixture of conversations")
 add_run_flags(parser)
-add_checkpoint_flags(parser, "base", ["base"])
+add_checkpoint_flags(parser, "base", ["base", "sft"])  # sft: tune an SFT model further (with --out-tag)
 parser.add_argument("--device-batch-size", type=int, default=-1,
                     help="rows per forward pass per device (-1 = the source run's, else the largest that fits)")
 parser.add_argument("--max-seq-len", type=int, default=-1, help="tokens per row (-1 = the model's context)")
@@ -120,6 +121,8 @@ def main(argv=None):
         parser.error(f"--warmdown-ratio must be in [0, 1], got {args.warmdown_ratio}")
     if args.out_tag is not None and (not re.fullmatch(r"[\w.-]+", args.out_tag) or args.out_tag in (".", "..")):
         parser.error(f"--out-tag must be a folder name (letters, digits, '_', '-', '.'), got {args.out_tag!r}")
+    if args.source == "sft" and args.out_tag is None:
+        parser.error("-i sft tunes an SFT model further: name the result with --out-tag NAME (the source stays as it is)")
     if args.data_only and not args.data:
         parser.error("--data-only needs at least one --data FILE.jsonl")
     try:  # your conversations are checked line by line before anything starts (a bad line: one error naming it)
@@ -137,6 +140,8 @@ def main(argv=None):
     device_type = device.type
 
     _, model_tag, source_step = find_checkpoint(args.source, args.model_tag, args.step)
+    if args.source == "sft" and args.out_tag == model_tag:
+        parser.error(f"--out-tag {model_tag} is the source's own folder: name the tuned model differently")
     model, tokenizer, source_meta = load_model(args.source, device, "train", model_tag, source_step)
     source_dir = os.path.join(get_base_dir(), STAGE_DIRS[args.source], model_tag)
     checkpoint_dir = os.path.join(get_base_dir(), STAGE_DIRS["sft"], args.out_tag or model_tag)

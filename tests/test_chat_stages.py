@@ -12,6 +12,7 @@ conversations must move it far below that; a broken loss mask, target shift or o
 """
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import asdict
@@ -170,6 +171,28 @@ def test_chat_sft_adds_your_conversations_to_the_mixture_or_trains_on_them_alone
     assert mixture(alone) == [("chats.jsonl", 4, 1)]
     assert len(logged(alone, "loss")) == 2
     assert read_meta(base_dir / "chatsft_checkpoints" / "mine", 2)["source"]["model_tag"] == MODEL_TAG
+
+
+@pytest.mark.slow
+def test_chat_sft_tunes_an_sft_model_further_into_a_folder_of_its_own(base_dir, tiny_tokenizer, tmp_path, capsys,
+                                                                        monkeypatch):
+    make_tiny_checkpoint(base_dir, tiny_tokenizer, ["chatsft_checkpoints"], with_optimizer=True)
+    source = base_dir / "chatsft_checkpoints" / MODEL_TAG
+    before = sorted(os.listdir(source))
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    for flags, message in [([], "-i sft tunes an SFT model further: name the result with --out-tag"),
+                           ([f"--out-tag={MODEL_TAG}"], f"--out-tag {MODEL_TAG} is the source's own folder")]:
+        with pytest.raises(SystemExit) as info:
+            chat_sft.main(["--device-type=cpu", "-i", "sft", *flags])
+        assert info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    output = run_stage(chat_sft.main, ["-i", "sft", f"--data={chats}:2", "--out-tag=tuned", "--max-seq-len=128",
+                                       "--num-iterations=2", "--max-examples-per-task=4", "--eval-every=-1",
+                                       "--chatcore-every=-1"], base_dir, capsys, monkeypatch)
+    assert f"optimizer warm-started from {source} step 0" in output
+    assert read_meta(base_dir / "chatsft_checkpoints" / "tuned", 2)["source"] == {"stage": "sft", "model_tag": MODEL_TAG,
+                                                                                 "step": 0}
+    assert sorted(os.listdir(source)) == before  # the source is left as it was
 
 
 @pytest.mark.slow
