@@ -203,7 +203,7 @@ def main(argv=None):
                 step, {"train/lrm": lrm, "train/dt": dt}, reward=mean_reward, answer_length=mean_length)
 
     # -------------------------------------------------------------------------
-    run.report("Chat RL", {
+    run.report("Chat RL" + (f" ({os.path.basename(args.task)})" if args.task else ""), {  # (your task: its own section)
         "Number of iterations": step,
         "DDP world size": world_size,
         **({"Task": args.task} if args.task else {}),

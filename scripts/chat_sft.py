@@ -293,7 +293,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     print0(f"Conversations longer than a row, truncated to it: {data_state['truncated']:,} (rank 0)")
-    run.report("Chat SFT", {
+    run.report("Chat SFT" + (f" ({args.out_tag})" if args.out_tag else ""), {  # (a side model: its own section)
         "Training conversations": len(train_dataset),
         "Number of iterations": step,
         "Tokens per step": total_batch_size,

@@ -193,6 +193,8 @@ def test_chat_sft_tunes_an_sft_model_further_into_a_folder_of_its_own(base_dir, 
     assert read_meta(base_dir / "chatsft_checkpoints" / "tuned", 2)["source"] == {"stage": "sft", "model_tag": MODEL_TAG,
                                                                                  "step": 0}
     assert sorted(os.listdir(source)) == before  # the source is left as it was
+    # and so is the pipeline's own report section: a side model gets a section of its own
+    assert {path.name for path in (base_dir / "report").glob("chat-sft*.md")} == {"chat-sft-tuned.md"}
 
 
 @pytest.mark.slow
