@@ -68,6 +68,16 @@ def run_torchrun(*args, nproc=2, env=None, timeout=300, rendezvous=("--standalon
     return launcher.returncode, output
 
 
+@pytest.fixture(params=["bwrap", "guard"])
+def isolation(request, monkeypatch):
+    """The code-execution tests run twice: inside bubblewrap (skipped where it cannot run) and under the guard alone."""
+    from nanochat.execution import bubblewrap_works
+    if request.param == "bwrap" and not bubblewrap_works():
+        pytest.skip("bubblewrap is not installed here or cannot create namespaces (see the warning logged)")
+    monkeypatch.setenv("NANOCHAT_NO_BWRAP", "1" if request.param == "guard" else "0")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread: with two, the sync overhead dominates (and explodes when the

@@ -17,17 +17,9 @@ import pytest
 
 from conftest import REPO_ROOT, TEST_DATA
 from nanochat import sandbox
-from nanochat.execution import bubblewrap_works, execute_code
+from nanochat.execution import execute_code
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True, params=["bwrap", "guard"])
-def isolation(request, monkeypatch):
-    if request.param == "bwrap" and not bubblewrap_works():
-        pytest.skip("bubblewrap is not installed here or cannot create namespaces (see the warning logged)")
-    monkeypatch.setenv("NANOCHAT_NO_BWRAP", "1" if request.param == "guard" else "0")
-    return request.param
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("isolation")]  # each test in both layers
 
 
 def needs(isolation, feature):
